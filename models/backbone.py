@@ -1,0 +1,141 @@
+"""The sequence encoder shared by every recipe: BERT4Rec (bidirectional, cloze) or SASRec (causal).
+
+Reads top to bottom: attention -> feed-forward -> block -> model. Inputs are left-padded token
+matrices (0 = padding) so the most recent item is always the last column, whatever the batch width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.config import BackboneConfig
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
+        self.proj = nn.Linear(cfg.hidden, cfg.hidden)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, mask):  # x (B, T, D), mask (B, 1, T|1, T) bool, True = may attend
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=2)
+        q, k, v = (t.view(B, T, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, d)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden, cfg.inner)
+        self.fc2 = nn.Linear(cfg.inner, cfg.hidden)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Post-LayerNorm block, as in BERT and BERT4Rec."""
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.attn = SelfAttention(cfg)
+        self.ln1 = nn.LayerNorm(cfg.hidden)
+        self.ffn = FeedForward(cfg)
+        self.ln2 = nn.LayerNorm(cfg.hidden)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mask):
+        x = self.ln1(x + self.drop(self.attn(x, mask)))
+        return self.ln2(x + self.drop(self.ffn(x)))
+
+
+class SeqRecModel(nn.Module):
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.hidden
+        self.item_emb = nn.Embedding(cfg.vocab, D, padding_idx=0)  # tied with the output layer
+        self.pos_emb = nn.Embedding(cfg.max_len, D)
+        self.emb_ln = nn.LayerNorm(D)
+        self.emb_drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.head = nn.Linear(D, D)
+        self.head_ln = nn.LayerNorm(D)
+        self.out_bias = nn.Parameter(torch.zeros(cfg.n_items))  # column c scores item c+1
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # Tables at std ~ D^-0.5: N(0, 1) tables were seen to stall training (SPEC §9).
+        std = self.cfg.hidden ** -0.5
+        nn.init.normal_(self.item_emb.weight, std=std)
+        nn.init.normal_(self.pos_emb.weight, std=std)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def causal(self) -> bool:
+        return self.cfg.kind == "sasrec"
+
+    def attention_mask(self, tokens):  # (B, T) -> (B, 1, T|1, T)
+        valid = tokens != 0
+        if not self.causal:
+            return valid[:, None, None, :]
+        T = tokens.shape[1]
+        allowed = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+        mask = allowed[None] & valid[:, None, :]
+        # A padding query sees no real key under causality; let it see itself so softmax stays finite.
+        mask |= torch.eye(T, dtype=torch.bool, device=tokens.device)[None]
+        return mask[:, None]
+
+    def encode(self, tokens):  # (B, T) left-padded -> (B, T, D)
+        B, T = tokens.shape
+        if T > self.cfg.max_len:
+            raise ValueError(f"sequence width {T} exceeds max_len {self.cfg.max_len}")
+        # Positions count back from the end, so a narrow batch embeds exactly like a full-width one.
+        pos = torch.arange(self.cfg.max_len - T, self.cfg.max_len, device=tokens.device)
+        x = self.emb_drop(self.emb_ln(self.item_emb(tokens) + self.pos_emb(pos)[None]))
+        mask = self.attention_mask(tokens)
+        for block in self.blocks:
+            x = block(x, mask)
+        return x
+
+    def project(self, h):  # (..., D) -> (..., D): the output head before the tied item table
+        return self.head_ln(F.gelu(self.head(h)))
+
+    def item_logits(self, z):  # (..., D) -> (..., n_items)
+        return z @ self.item_emb.weight[1 : self.cfg.n_items + 1].T + self.out_bias
+
+    def logits(self, h):
+        return self.item_logits(self.project(h))
+
+    def inference_tokens(self, history):
+        """(B, T) left-padded histories -> the tokens whose last position predicts the next item."""
+        if self.causal:
+            return history[:, -self.cfg.max_len :]
+        keep = history[:, -(self.cfg.max_len - 1) :]
+        mask = torch.full((keep.shape[0], 1), self.cfg.mask_token, dtype=keep.dtype, device=keep.device)
+        return torch.cat([keep, mask], dim=1)
+
+    def next_item_scores(self, history):  # (B, T) left-padded -> (B, n_items), column c = item c+1
+        h = self.encode(self.inference_tokens(history))
+        return self.logits(h[:, -1])
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def init_std(cfg: BackboneConfig) -> float:
+    return 1.0 / math.sqrt(cfg.hidden)

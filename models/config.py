@@ -1,0 +1,60 @@
+"""The backbone's configuration: one small typed dataclass, stored inside every checkpoint."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+
+from models.errors import CheckpointError
+
+BACKBONES = ("bert4rec", "sasrec")
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    n_items: int  # real items are 1..n_items; 0 is padding, n_items+1 is [MASK]
+    kind: str = "bert4rec"  # bert4rec (bidirectional, cloze) | sasrec (causal, next-item)
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 2
+    inner: int = 256
+    dropout: float = 0.2
+    max_len: int = 200
+
+    def __post_init__(self):
+        if self.kind not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.kind!r}; known: {', '.join(BACKBONES)}")
+        if self.n_items < 1:
+            raise ValueError("n_items must be >= 1")
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        if self.max_len < 2:
+            raise ValueError("max_len must be >= 2")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("dropout must be in [0, 1)")
+
+    @property
+    def mask_token(self) -> int:
+        return self.n_items + 1
+
+    @property
+    def vocab(self) -> int:
+        return self.n_items + 2
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> BackboneConfig:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"backbone metadata is not JSON: {e}") from None
+        known = {f.name for f in fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise CheckpointError(f"backbone metadata has unknown fields: {sorted(unknown)}")
+        try:
+            return cls(**raw)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"backbone metadata is invalid: {e}") from None
