@@ -6,8 +6,6 @@ matrices (0 = padding) so the most recent item is always the last column, whatev
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -136,6 +134,3 @@ class SeqRecModel(nn.Module):
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-
-def init_std(cfg: BackboneConfig) -> float:
-    return 1.0 / math.sqrt(cfg.hidden)

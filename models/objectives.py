@@ -1,0 +1,58 @@
+"""The backbone's own training objective, shared by every recipe: cloze (bert4rec) or next-item (sasrec).
+
+Logits are computed only where a loss is taken: at masked positions for cloze, at real positions for
+next-item, never over padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.backbone import SeqRecModel
+from models.batching import pad_left
+
+
+@dataclass
+class MaskedBatch:
+    tokens: torch.Tensor  # (B, T) model input with [MASK] where a label is hidden
+    positions: torch.Tensor  # (M, 2) row/column of every position that carries a loss
+    labels: torch.Tensor  # (M,) column index (item - 1) of the true item at each position
+
+
+def cloze_batch(samples: list[np.ndarray], max_len: int, mask_token: int, mask_prob: float,
+                last_share: float, rng: np.random.Generator) -> MaskedBatch:
+    """Mask each item with mask_prob (at least one per sample); a `last_share` of samples instead mask
+    only their last item, the situation the model meets at inference."""
+    tokens = pad_left(samples, width=min(max_len, max(len(s) for s in samples)))
+    real = tokens != 0
+    masked = torch.from_numpy(rng.random(tokens.shape) < mask_prob) & real
+    last_only = torch.from_numpy(rng.random(len(samples)) < last_share)
+    # A sample with nothing masked would carry no signal: mask its last item then.
+    last_only |= ~masked.any(dim=1)
+    masked[last_only] = False
+    masked[last_only, -1] = True
+    labels = tokens[masked] - 1
+    inputs = tokens.masked_fill(masked, mask_token)
+    return MaskedBatch(inputs, masked.nonzero(), labels)
+
+
+def causal_batch(samples: list[np.ndarray], max_len: int) -> MaskedBatch:
+    """Next-item prediction at every real position: input w[:-1], labels w[1:]."""
+    width = min(max_len, max(len(s) for s in samples) - 1)
+    inputs = pad_left([s[:-1] for s in samples], width=width)
+    targets = pad_left([s[1:] for s in samples], width=width)
+    has_label = targets != 0
+    return MaskedBatch(inputs, has_label.nonzero(), targets[has_label] - 1)
+
+
+def masked_ce(model: SeqRecModel, batch: MaskedBatch, h: torch.Tensor | None = None):
+    """Cross-entropy over all items at the loss positions; returns (loss, hidden states)."""
+    if h is None:
+        h = model.encode(batch.tokens)  # (B, T, D)
+    rows, cols = batch.positions.unbind(1)
+    logits = model.logits(h[rows, cols])  # (M, n_items)
+    return F.cross_entropy(logits, batch.labels), h

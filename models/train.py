@@ -1,0 +1,216 @@
+"""The trainer: one loop for every recipe and both backbones. AdamW, seeded, early stopping on
+validation NDCG@10 (full ranking), length-aware batches, a progress bar, CUDA when present."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.backbone import SeqRecModel
+from models.batching import length_batches
+from models.checkpoint import CREATED_BY, CheckpointMeta, load_checkpoint, save_checkpoint
+from models.config import BackboneConfig
+from models.errors import IncompatibleError, RecmergeError
+from models.recipes import TrainBatch, recipe_class, recipe_options
+
+Progress = Callable[[str, float], None]
+
+
+@dataclass
+class TrainConfig:
+    recipe: str = "bert4rec"
+    options: dict = field(default_factory=dict)  # the recipe's hyper-parameters
+    backbone: str = "bert4rec"
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 2
+    inner: int = 256
+    dropout: float = 0.2
+    max_len: int = 200
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    grad_clip: float = 5.0
+    patience: int = 5  # epochs without validation gain before stopping; 0 = never stop early
+    seed: int = 0
+    init: str | None = None  # a checkpoint to start from (the fine-tune setting)
+    device: str | None = None
+    max_minutes: float | None = None  # wall-clock budget; stops after the epoch that crosses it
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "hidden", "layers", "heads", "max_len"):
+            if getattr(self, name) < 1:
+                raise RecmergeError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.lr <= 0:
+            raise RecmergeError(f"lr must be > 0 (got {self.lr})")
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    sha256: str
+    best_epoch: int
+    valid: dict  # full-ranking validation metrics of the saved (best) epoch
+    history: list[dict]
+    seconds: float
+    log_path: Path
+
+
+def build_samples(train_seqs: list[np.ndarray], max_len: int, causal: bool) -> list[np.ndarray]:
+    """Cut each training sequence into windows from its most recent end, so long histories are used
+    whole instead of truncated. Causal windows overlap by one item: every transition is a target once."""
+    window = max_len + 1 if causal else max_len
+    step = window - 1 if causal else window
+    min_len = 2 if causal else 1
+    samples = []
+    for seq in train_seqs:
+        end = len(seq)
+        while end >= min_len:
+            start = max(0, end - window)
+            samples.append(np.asarray(seq[start:end], dtype=np.int64))
+            if start == 0:
+                break
+            end = start + (window - step)
+    return samples
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def backbone_config(cfg: TrainConfig, n_items: int) -> BackboneConfig:
+    try:
+        return BackboneConfig(n_items=n_items, kind=cfg.backbone, hidden=cfg.hidden, layers=cfg.layers,
+                              heads=cfg.heads, inner=cfg.inner, dropout=cfg.dropout, max_len=cfg.max_len)
+    except ValueError as e:
+        raise RecmergeError(str(e)) from None
+
+
+def load_init(path: str, bcfg: BackboneConfig, fingerprint: str) -> dict[str, torch.Tensor]:
+    state, meta = load_checkpoint(path)
+    if meta.dataset_fingerprint != fingerprint:
+        raise IncompatibleError(f"--init {path}: trained on dataset {meta.dataset_fingerprint[:12]}, "
+                                f"not on this dataset ({fingerprint[:12]})")
+    mine, theirs = asdict(bcfg), asdict(meta.backbone)
+    # Dropout is a training choice, not part of the parameters; everything else must agree.
+    diff = [k for k in mine if k != "dropout" and mine[k] != theirs[k]]
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {theirs[k]} vs requested {mine[k]}" for k in diff)
+        raise IncompatibleError(f"--init {path}: another backbone ({detail})")
+    return state
+
+
+def _decay_groups(model: SeqRecModel, extra: list[torch.nn.Parameter], weight_decay: float):
+    # Decay only the Linear weights: decaying embeddings, LayerNorm and biases hurts recommenders.
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() == 2 and "emb" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay + list(extra), "weight_decay": 0.0}]
+
+
+def train(ds, cfg: TrainConfig, out: str | Path, progress: Progress | None = None,
+          show_bar: bool = False) -> TrainResult:
+    from models.evaluate import evaluate  # evaluation imports the backbone; keep the import edge one-way
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise RecmergeError(f"{out}: the output checkpoint must end in .safetensors")
+    options = recipe_options(cfg.recipe, cfg.options)
+    bcfg = backbone_config(cfg, ds.n_items)
+    device = resolve_device(cfg.device)
+    init_state = load_init(cfg.init, bcfg, ds.fingerprint) if cfg.init else None
+
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model = SeqRecModel(bcfg)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    model.to(device)
+    recipe = recipe_class(cfg.recipe)(options, model)
+
+    samples = build_samples(ds.train_sequences(), bcfg.max_len, model.causal)
+    if not samples:
+        raise RecmergeError("no training samples: every training sequence is too short")
+    recipe.setup(samples)
+    lengths = np.array([len(s) for s in samples])
+    opt = torch.optim.AdamW(_decay_groups(model, recipe.parameters(), cfg.weight_decay), lr=cfg.lr)
+
+    history: list[dict] = []
+    best = (-math.inf, 0, None, {})  # (ndcg, epoch, state, metrics)
+    bad_epochs = 0
+    t_start = time.perf_counter()
+    bar = None
+    if show_bar:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.epochs * math.ceil(len(samples) / cfg.batch_size), unit="batch",
+                   dynamic_ncols=True)
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        recipe.start_epoch(epoch)
+        batches = length_batches(lengths, cfg.batch_size, rng)
+        t0, seen, loss_sum, logs_sum = time.perf_counter(), 0, 0.0, {}
+        for b, idx in enumerate(batches):
+            batch = TrainBatch([samples[i] for i in idx], idx, rng)
+            loss, logs = recipe.loss(model, batch)
+            if not torch.isfinite(loss):
+                raise RecmergeError(f"training diverged at epoch {epoch} (loss {loss.item()}); lower --lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            seen += len(idx)
+            loss_sum += loss.item() * len(idx)
+            for k, v in logs.items():
+                logs_sum[k] = logs_sum.get(k, 0.0) + float(v) * len(idx)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}",
+                                seq_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            if progress:
+                progress("train", ((epoch - 1) + (b + 1) / len(batches)) / cfg.epochs)
+        train_s = time.perf_counter() - t0
+        valid = evaluate(model, ds, split="valid", protocols=("full",), device=device)["full"]
+        row = {"epoch": epoch, "loss": loss_sum / seen, "train_seconds": train_s,
+               "sequences_per_s": seen / train_s, **{k: v / seen for k, v in logs_sum.items()},
+               **{f"valid_{k}": v for k, v in valid.items()}, **recipe.end_epoch()}
+        history.append(row)
+        if bar is not None:
+            bar.write(f"epoch {epoch}: loss {row['loss']:.4f}  valid ndcg@10 {valid['ndcg@10']:.4f}  "
+                      f"{train_s:.1f}s ({row['sequences_per_s']:.0f} seq/s)")
+        if valid["ndcg@10"] > best[0]:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best, bad_epochs = (valid["ndcg@10"], epoch, state, valid), 0
+        else:
+            bad_epochs += 1
+        if cfg.patience and bad_epochs >= cfg.patience:
+            break
+        if cfg.max_minutes and time.perf_counter() - t_start > 60 * cfg.max_minutes:
+            break
+    if bar is not None:
+        bar.close()
+
+    _, best_epoch, best_state, best_valid = best
+    seconds = time.perf_counter() - t_start
+    summary = {"best_epoch": best_epoch, "epochs_run": len(history), "seconds": round(seconds, 2),
+               "valid": best_valid, "config": asdict(cfg)}
+    meta = CheckpointMeta(backbone=bcfg, recipe=recipe.to_json(), dataset_fingerprint=ds.fingerprint,
+                          n_items=ds.n_items, created_by=CREATED_BY,
+                          extra={"train": json.dumps(summary, sort_keys=True)})
+    sha = save_checkpoint(out, best_state, meta)
+    log_path = out.with_name(out.name.removesuffix(".safetensors") + ".log.json")
+    log_path.write_text(json.dumps({"summary": summary, "epochs": history}, indent=1))
+    return TrainResult(out, sha, best_epoch, best_valid, history, seconds, log_path)
+
+
