@@ -1,0 +1,62 @@
+"""`recmerge data prepare`: turn an interactions file (or `ml-100k`, downloaded) into a prepared
+dataset directory and print a one-line summary."""
+
+from __future__ import annotations
+
+import argparse
+
+FORMAT_CHOICES = ("ml-100k", "ml-1m", "recbole", "sasrec", "csv")  # models.readers.FORMATS, kept import-free
+
+
+def register(sub) -> None:
+    p = sub.add_parser("data", help="prepare datasets")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    prep = data_sub.add_parser(
+        "prepare", help="read interactions, filter, remap ids, split leave-one-out, write a directory",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    prep.add_argument("--source", required=True,
+                      help="interactions file, a directory holding one, or 'ml-100k' (downloaded and cached)")
+    prep.add_argument("--format", choices=FORMAT_CHOICES, help="override format detection")
+    prep.add_argument("--min-user", type=int, default=5, help="drop users with fewer interactions (>= 3)")
+    prep.add_argument("--min-item", type=int, default=0, help="drop items with fewer interactions")
+    prep.add_argument("--user-col", help="user column name (csv/recbole)")
+    prep.add_argument("--item-col", help="item column name (csv/recbole)")
+    prep.add_argument("--order-col", help="time or order column name (csv/recbole)")
+    prep.add_argument("--out", required=True, help="output directory (created atomically)")
+    prep.set_defaults(func=run_prepare)
+
+
+def _progress_bars():
+    """A progress(stage, fraction) callback that draws one tqdm bar per stage (silent when not a tty)."""
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, fraction: float) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            for other in bars.values():
+                other.close()
+            bar = bars[stage] = tqdm(total=100, desc=stage, leave=False, disable=None)
+        bar.update(int(fraction * 100) - bar.n)
+
+    def close() -> None:
+        for bar in bars.values():
+            bar.close()
+
+    return progress, close
+
+
+def run_prepare(args) -> int:
+    from models.data import prepare_dataset
+
+    progress, close = _progress_bars()
+    try:
+        ds = prepare_dataset(args.source, args.out, fmt=args.format, min_user=args.min_user,
+                             min_item=args.min_item, user_col=args.user_col, item_col=args.item_col,
+                             order_col=args.order_col, progress=progress)
+    finally:
+        close()
+    print(f"{ds.path}: {ds.n_users:,} users, {ds.n_items:,} items, {ds.n_interactions:,} interactions, "
+          f"fingerprint {ds.fingerprint}")
+    return 0
