@@ -1,0 +1,197 @@
+"""Evaluation protocols on plain arrays (EvalData) with scorers whose ranks we can work out by hand."""
+
+import numpy as np
+import pytest
+import torch
+
+from models.config import BackboneConfig
+from models.errors import DataError, RecmergeError
+from models.evaluate import (
+    PROTOCOLS,
+    EvalData,
+    clear_negatives_cache,
+    evaluate_data,
+    negatives_for,
+    popularity_scorer,
+    sample_negatives,
+    top_popular,
+    user_ranks,
+)
+from models.metrics import rank_of_target
+
+
+def make_data(n_users=40, n_items=150, seed=0, cache_key=None):
+    """Random users; targets drawn from the 100 most popular items so top-popular100 can rank them."""
+    rng = np.random.default_rng(seed)
+    popularity = np.zeros(n_items + 1)
+    popularity[1:] = rng.integers(1, 5, n_items)
+    popularity[1:101] += 10  # items 1..100 are the top 100
+    inputs, targets, touched = [], [], []
+    for _ in range(n_users):
+        n = int(rng.integers(3, 30))
+        hist = rng.choice(np.arange(1, n_items + 1), n, replace=False)
+        target = int(rng.integers(1, 101))
+        inputs.append(hist)
+        targets.append(target)
+        touched.append(np.append(hist, target))
+    return EvalData(inputs, np.array(targets), touched, popularity, n_items, cache_key=cache_key)
+
+
+def oracle(data):
+    """A scorer that knows each user's target (looked up by its history) and scores it highest."""
+    lookup = {tuple(int(x) for x in h): t for h, t in zip(data.inputs, data.targets)}
+
+    def score(history):
+        out = torch.zeros(history.shape[0], data.n_items)
+        for row, h in enumerate(history.tolist()):
+            out[row, lookup[tuple(x for x in h if x)] - 1] = 1.0
+        return out
+
+    return score
+
+
+def table_scorer(n_items, seed):
+    """A fixed random score per item (different seeds = different 'models')."""
+    s = torch.from_numpy(np.random.default_rng(seed).normal(size=n_items).astype(np.float32))
+    return lambda history: s.expand(history.shape[0], -1)
+
+
+def test_target_scored_highest_gets_perfect_metrics_under_every_protocol():
+    data = make_data()
+    result = evaluate_data(oracle(data), data, batch_size=7)
+    assert set(result) == set(PROTOCOLS)
+    for protocol, m in result.items():
+        assert list(m) == ["ndcg@10", "hr@10", "ndcg@20", "hr@20", "mrr"]
+        assert m == {k: 1.0 for k in m}, protocol
+
+
+def test_target_inside_history_is_still_ranked():
+    data = make_data(n_users=10)
+    data.inputs[0] = np.append(data.inputs[0], data.targets[0])  # re-consumption: target already seen
+    data.touched[0] = np.append(data.touched[0], data.targets[0])
+    ranks = user_ranks(oracle(data), data, ("full", "top-popular100"))
+    assert ranks["full"][0] == 0 and ranks["top-popular100"][0] == 0
+
+
+def test_full_ranking_excludes_history_and_breaks_ties_pessimistically():
+    data = make_data(n_users=12)
+    flat = lambda history: torch.zeros(history.shape[0], data.n_items)  # noqa: E731 - every item ties
+    ranks = user_ranks(flat, data, ("full",), batch_size=5)["full"]
+    for u in range(12):
+        excluded = set(data.inputs[u].tolist()) - {int(data.targets[u])}
+        assert ranks[u] == data.n_items - len(excluded) - 1
+
+
+def test_popularity_scorer_ranks_match_hand_computation():
+    data = make_data(n_users=15)
+    ranks = user_ranks(popularity_scorer(data.popularity), data, ("full", "top-popular100"))
+    top = set(top_popular(data.popularity).tolist())
+    for u in range(15):
+        t = int(data.targets[u])
+        seen = set(data.inputs[u].tolist()) - {t}
+        others = [i for i in range(1, data.n_items + 1) if i != t and i not in seen]
+        expect = sum(data.popularity[i] >= data.popularity[t] for i in others)
+        assert ranks["full"][u] == expect
+        expect_top = sum(data.popularity[i] >= data.popularity[t] for i in others if i in top)
+        assert ranks["top-popular100"][u] == (expect_top if t in top else np.inf)
+
+
+def test_top_popular_target_outside_the_100_is_a_miss():
+    data = make_data(n_users=5)
+    data.targets[:] = 150  # item 150 is not among the 100 most popular
+    for t in data.touched:
+        t[-1] = 150
+    ranks = user_ranks(oracle(data), data, ("full", "top-popular100"))
+    assert np.all(ranks["full"] == 0)
+    assert np.all(np.isinf(ranks["top-popular100"]))
+
+
+def test_negatives_avoid_history_and_target_and_are_distinct():
+    data = make_data()
+    for protocol in ("random100", "popular100"):
+        neg = negatives_for(data, protocol, seed=3)
+        assert neg.shape == (len(data.targets), 100)
+        for u in range(len(data.targets)):
+            row = neg[u]
+            assert np.all(row > 0)  # 150 items, <= 30 touched: always 100 eligible
+            assert len(set(row.tolist())) == 100
+            assert not set(row.tolist()) & set(data.touched[u].tolist())
+            assert int(data.targets[u]) not in row
+
+
+def test_negatives_shorter_list_when_catalogue_is_small():
+    neg = sample_negatives([np.array([1, 2, 3])], n_items=10, n=100, seed=0)
+    drawn = neg[0][neg[0] > 0]
+    assert sorted(drawn.tolist()) == list(range(4, 11))
+    assert np.all(neg[0][7:] == 0)
+
+
+def test_same_seed_same_lists_for_every_model_other_seed_other_lists():
+    key = ("fingerprint-x", "test")
+    data = make_data(cache_key=key)
+    clear_negatives_cache()
+    lists = {p: negatives_for(data, p, seed=0).copy() for p in ("random100", "popular100")}
+    clear_negatives_cache()  # a fresh draw, not the cached object, must give the same lists
+    for p in lists:
+        assert np.array_equal(negatives_for(data, p, seed=0), lists[p])
+        assert not np.array_equal(negatives_for(data, p, seed=1), lists[p])
+
+    # Two different models are scored against exactly these lists.
+    for model_seed in (1, 2):
+        scorer = table_scorer(data.n_items, model_seed)
+        ranks = user_ranks(scorer, data, ("random100", "popular100"), seed=0, batch_size=8)
+        scores = scorer(torch.zeros(1, 1, dtype=torch.long))[0]
+        for p, neg in lists.items():
+            cand = torch.from_numpy(np.concatenate([data.targets[:, None], neg], axis=1))
+            expect = rank_of_target(scores[cand - 1], torch.zeros(len(cand), dtype=torch.long))
+            np.testing.assert_array_equal(ranks[p], expect.numpy())
+
+
+def test_popular100_follows_popularity_and_random100_is_uniform():
+    n_items, U = 2000, 1000
+    rng = np.random.default_rng(0)
+    cls = np.arange(n_items) % 10  # item i+1 has weight cls+1 (1..10)
+    popularity = np.concatenate([[0.0], cls + 1.0])
+    popularity[-50:] = 0  # never seen in training: must never be drawn
+    touched = [rng.choice(np.arange(1, n_items + 1), 5, replace=False) for _ in range(U)]
+    inputs = [t[:-1] for t in touched]
+    data = EvalData(inputs, np.array([t[-1] for t in touched]), touched, popularity, n_items)
+
+    counts = np.bincount(negatives_for(data, "popular100", seed=0).ravel(), minlength=n_items + 1)[1:]
+    assert counts[-50:].sum() == 0
+    share = np.array([counts[cls == c].sum() for c in range(10)]) / counts.sum()
+    expect = np.array([popularity[1:][cls == c].sum() for c in range(10)]) / popularity.sum()
+    # ~100k draws; sampling without replacement bends proportionality only slightly at 100 of 2000
+    np.testing.assert_allclose(share, expect, rtol=0.1)
+    assert 8.0 < share[9] / share[0] < 12.0
+
+    counts = np.bincount(negatives_for(data, "random100", seed=0).ravel(), minlength=n_items + 1)[1:]
+    share = np.array([counts[cls == c].sum() for c in range(10)]) / counts.sum()
+    np.testing.assert_allclose(share, 0.1, rtol=0.05)
+
+
+def test_model_is_evaluated_in_eval_mode_and_left_as_found():
+    from models.backbone import SeqRecModel
+
+    torch.manual_seed(0)
+    data = make_data(n_users=20)
+    model = SeqRecModel(BackboneConfig(n_items=data.n_items, hidden=16, layers=1, heads=2, inner=32, max_len=8))
+    model.train()
+    a = user_ranks(model, data, batch_size=4)
+    b = user_ranks(model, data, batch_size=4)
+    assert model.training  # restored
+    for p in PROTOCOLS:  # dropout off during evaluation: two runs agree exactly
+        np.testing.assert_array_equal(a[p], b[p])
+    assert np.all(a["full"] >= 0) and np.all(a["full"] < data.n_items)
+
+
+def test_bad_inputs_are_refused():
+    data = make_data(n_users=3)
+    with pytest.raises(RecmergeError, match="unknown protocol"):
+        evaluate_data(oracle(data), data, protocols=("fullish",))
+    with pytest.raises(RecmergeError, match="cutoffs"):
+        evaluate_data(oracle(data), data, ks=(0,))
+    with pytest.raises(DataError, match="targets"):
+        EvalData([np.array([1])], np.array([99]), [np.array([1, 99])], np.zeros(11), 10)
+    with pytest.raises(RecmergeError, match="shape"):
+        user_ranks(lambda h: torch.zeros(h.shape[0], 7), data, ("full",))
