@@ -1,0 +1,109 @@
+"""What each job is asked to do: the validated payloads of the five job kinds.
+
+The API validates requests with these same classes before anything is queued, and the task validates
+the stored payload again before any work (a payload written by an older version fails loudly).
+Unknown fields are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+EVAL_PROTOCOLS = ("full", "random100", "popular100", "top-popular100")
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PrepareSpec(Spec):
+    source: str = Field(description="'ml-100k', or 'upload:<sha256>' of a raw interactions file in the store")
+    filename: str | None = Field(None, description="the uploaded file's name (format detection looks at it)")
+    name: str = "dataset"
+    fmt: str | None = None
+    min_user: int = Field(5, ge=1)
+    min_item: int = Field(0, ge=0)
+
+
+class TrainSpec(Spec):
+    dataset_id: str
+    recipe: str = "bert4rec"
+    options: dict = Field(default_factory=dict, description="the recipe's hyper-parameters")
+    epochs: int = Field(20, ge=1, le=1000)
+    init_model_id: str | None = Field(None, description="start from this model (the fine-tune setting)")
+    name: str | None = None
+    backbone: Literal["bert4rec", "sasrec"] = "bert4rec"
+    hidden: int = Field(64, ge=1, le=4096)
+    layers: int = Field(2, ge=1, le=48)
+    heads: int = Field(2, ge=1, le=64)
+    inner: int = Field(256, ge=1, le=16384)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    max_len: int = Field(200, ge=2, le=4096)
+    batch_size: int = Field(128, ge=1, le=65536)
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    patience: int = Field(5, ge=0)
+    seed: int = 0
+    max_minutes: float | None = Field(None, gt=0)
+    evaluate_test: bool = Field(True, description="also score the finished model on the test split")
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self):
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class FisherSettings(Spec):
+    sampling: Literal["exact", "random", "topk", "model", "target"] = "model"
+    n: int = Field(8, ge=1, le=100000, description="items per sequence (random, topk, model)")
+    computation: Literal["per-example", "batchwise"] = "per-example"
+    seed: int = 0
+    max_users: int | None = Field(None, ge=1, description="estimate on a seeded subset of users")
+
+    def cache_key(self, checkpoint_sha256: str, dataset_fingerprint: str) -> str:
+        """A Fisher is computed once per (checkpoint, dataset, settings)."""
+        blob = json.dumps({"ckpt": checkpoint_sha256, "data": dataset_fingerprint, **self.model_dump()},
+                          sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class FisherSpec(Spec):
+    model_id: str
+    settings: FisherSettings = Field(default_factory=FisherSettings)
+    parent: str | None = None  # the merge job waiting for this Fisher
+
+
+class EvaluateSpec(Spec):
+    model_id: str
+    splits: list[Literal["valid", "test"]] = ["valid", "test"]
+    protocols: list[Literal[EVAL_PROTOCOLS]] = ["full"]  # type: ignore[valid-type]
+    parent: str | None = None
+
+
+class MergeSpec(Spec):
+    method: str = Field(description="a merge method name (uniform, weighted, fisher, task-arithmetic, ...)")
+    model_ids: list[str] = Field(min_length=1, max_length=64)
+    weights: list[float] | None = None
+    base_model_id: str | None = None
+    options: dict = Field(default_factory=dict, description="the method's options")
+    fisher: FisherSettings | None = Field(None, description="how to estimate the Fishers (method fisher)")
+    finetune_epochs: int = Field(0, ge=0, le=100)
+    evaluate: bool = True
+    protocols: list[Literal[EVAL_PROTOCOLS]] = ["full"]  # type: ignore[valid-type]
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.weights is not None and len(self.weights) != len(self.model_ids):
+            raise ValueError(f"weights has {len(self.weights)} entries for {len(self.model_ids)} models")
+        if len(set(self.model_ids)) != len(self.model_ids):
+            raise ValueError("model_ids lists a model twice")
+        if self.method == "fisher" and self.fisher is None:
+            self.fisher = FisherSettings()
+        if self.method != "fisher" and self.fisher is not None:
+            raise ValueError(f"fisher settings given, but method {self.method!r} uses no Fisher")
+        return self

@@ -1,0 +1,103 @@
+"""The sweeper: finds jobs that nobody will finish and sends them again.
+
+It runs as a thread in every API process (several API processes may sweep at once: every change it
+makes is a conditional UPDATE, so two sweepers never re-queue a job twice). Each pass, every
+SWEEP_INTERVAL_S:
+- running, heartbeat older than HEARTBEAT_TIMEOUT_S: the worker died -> back to queued and sent
+  again, or failed with the last error once MAX_ATTEMPTS attempts were used;
+- queued and runnable, sent more than a grace period ago, and the broker no longer holds its
+  message (Redis restarted, a send that failed): sent again. A broker that cannot tell gets the
+  message again after HEARTBEAT_TIMEOUT_S; a duplicate is harmless (the claim drops it);
+- queued and waiting for children that have all ended (the process that should have released it
+  died in between): released.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import UTC
+
+from sqlalchemy import select
+
+from app.db_models import Job
+from workers import jobs
+from workers.resources import Resources
+
+log = logging.getLogger("recmerge.sweeper")
+
+
+def sweep_once(res: Resources) -> dict[str, list[str]]:
+    st = res.settings
+    with res.session() as s, s.begin():
+        requeued, failed = jobs.requeue_stale(s, st.HEARTBEAT_TIMEOUT_S, st.MAX_ATTEMPTS)
+    report = {"requeued": requeued, "failed": failed, "resent": [], "released": []}
+    for job_id in requeued:
+        log.warning("job %s: worker lost, re-queued", job_id)
+        _dispatch(res, job_id)
+    for job_id in failed:
+        log.warning("job %s: worker lost too often, failed", job_id)
+        _release_parent(res, job_id)
+
+    grace = max(2 * st.SWEEP_INTERVAL_S, 5.0)
+    t = jobs.now()
+    with res.session() as s:
+        queued = s.scalars(select(Job).where(Job.status == "queued")).all()
+    for job in queued:
+        if job.stage == jobs.WAITING:
+            with res.session() as s:
+                ended, _ = jobs.children_state(s, job)
+            if ended:
+                res.release(job.id)
+                report["released"].append(job.id)
+            continue
+        if job.id in requeued or job.heartbeat_at is None:
+            continue
+        age = (t - _aware(job.heartbeat_at)).total_seconds()
+        if age < grace:
+            continue
+        there = res.dispatcher.pending(job.celery_id) if job.celery_id else False
+        if there is False or (there is None and age > st.HEARTBEAT_TIMEOUT_S):
+            log.warning("job %s: message lost (queued %.0f s), sent again", job.id, age)
+            res.dispatch(job.id, job.kind)
+            report["resent"].append(job.id)
+    return report
+
+
+def _aware(ts):
+    # SQLite hands back naive datetimes for timezone-aware columns; they were written in UTC.
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+def _dispatch(res: Resources, job_id: str) -> None:
+    with res.session() as s:
+        kind = s.get(Job, job_id).kind
+    res.dispatch(job_id, kind)
+
+
+def _release_parent(res: Resources, job_id: str) -> None:
+    with res.session() as s:
+        parent = (s.get(Job, job_id).payload or {}).get("parent")
+    if parent:
+        res.release(parent)
+
+
+class Sweeper(threading.Thread):
+    def __init__(self, res: Resources):
+        super().__init__(name="recmerge-sweeper", daemon=True)
+        self.res = res
+        self.halt = threading.Event()
+
+    def run(self):
+        # The first pass runs at once: after a restart, queued work is sent again without waiting.
+        while True:
+            try:
+                sweep_once(self.res)
+            except Exception:  # a database outage must not end the sweeper
+                log.exception("sweep failed; retrying in %.0f s", self.res.settings.SWEEP_INTERVAL_S)
+            if self.halt.wait(self.res.settings.SWEEP_INTERVAL_S):
+                return
+
+    def stop(self) -> None:
+        self.halt.set()
+

@@ -1,0 +1,246 @@
+"""The five job bodies. Each: validate the payload -> one library call -> artifact into the store ->
+return `record(session)`, which registers the result when the job is marked succeeded (workers/attempt.py).
+
+Bodies run the same under a Celery worker and under the in-process runner; they know nothing of either.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.db_models import Dataset, Fisher, Model
+from models.checkpoint import read_metadata
+from models.errors import DataError, RecmergeError
+from workers import jobs
+from workers.attempt import Attempt, Record
+from workers.specs import EvaluateSpec, FisherSpec, MergeSpec, PrepareSpec, TrainSpec
+
+
+def _spec(cls, payload: dict):
+    clean = {k: v for k, v in payload.items() if k != "children"}
+    try:
+        return cls(**clean)
+    except ValueError as e:
+        raise RecmergeError(f"invalid {cls.__name__} payload: {e}") from None
+
+
+def _evaluate(model, ds, splits, protocols, device, progress) -> dict:
+    """{split: {protocol: {metric: value}}} — the shape of `models.metrics` everywhere in the service."""
+    from models.evaluate import evaluate
+
+    out = {}
+    for i, split in enumerate(splits):
+        out[split] = evaluate(model, ds, split=split, protocols=tuple(protocols), device=device)
+        progress("evaluate", (i + 1) / len(splits))
+    return out
+
+
+def _merge_metrics(old: dict | None, new: dict) -> dict:
+    merged = json.loads(json.dumps(old or {}))
+    for split, by_protocol in new.items():
+        merged.setdefault(split, {}).update(by_protocol)
+    return merged
+
+
+def _model_fields(a: Attempt, path, sha: str, kind: str, name: str, dataset_id: str, metrics: dict | None):
+    meta = read_metadata(path)
+    return {"kind": kind, "name": name, "dataset_id": dataset_id, "sha256": sha, "size": path.stat().st_size,
+            "backbone": asdict(meta.backbone), "recipe": meta.recipe, "merge": meta.merge, "metrics": metrics,
+            "source_job_id": a.claim.id}
+
+
+def _result_for(model: Model) -> dict:
+    return {"model_id": model.id, "sha256": model.sha256}
+
+
+# prepare ---------------------------------------------------------------------------------------------
+def prepare(a: Attempt) -> Record:
+    from models.data import prepare_dataset
+
+    spec = _spec(PrepareSpec, a.payload)
+    if spec.source.startswith("upload:"):
+        sha = spec.source.removeprefix("upload:")
+        try:
+            raw = a.res.store.path_for(sha)
+        except (KeyError, ValueError):
+            raise DataError(f"source {spec.source}: no such upload in the store") from None
+        # Format detection reads the file name (u.data, ratings.dat, *.inter): give it its own.
+        source = a.workdir / "raw" / (spec.filename or "interactions.csv").replace("/", "_")
+        source.parent.mkdir()
+        source.symlink_to(raw)
+    elif spec.source == "ml-100k":
+        source = "ml-100k"
+    else:
+        raise DataError(f"source {spec.source!r}: expected 'ml-100k' or 'upload:<sha256>'")
+    ds = prepare_dataset(source, a.workdir / "prepared", spec.fmt, spec.min_user, spec.min_item,
+                         progress=a.progress)
+    a.res.store.put_dir(ds.fingerprint, a.workdir / "prepared")
+
+    def record(s: Session) -> dict:
+        row = s.scalar(select(Dataset).where(Dataset.fingerprint == ds.fingerprint))
+        if row is None:
+            row = Dataset(id=jobs.new_id(), name=spec.name, fingerprint=ds.fingerprint, source=spec.source,
+                          params={"fmt": spec.fmt, "min_user": spec.min_user, "min_item": spec.min_item},
+                          n_users=ds.n_users, n_items=ds.n_items, n_interactions=ds.n_interactions)
+            s.add(row)
+            s.flush()
+        return {"dataset_id": row.id, "fingerprint": ds.fingerprint}
+
+    return record
+
+
+# train -----------------------------------------------------------------------------------------------
+def train(a: Attempt) -> Record:
+    from models.checkpoint import load_model
+    from models.train import TrainConfig
+    from models.train import train as run_training
+
+    spec = _spec(TrainSpec, a.payload)
+    ds_row, ds = a.res.dataset(spec.dataset_id)
+    init = None
+    if spec.init_model_id:
+        init_row, init = a.res.model(spec.init_model_id)
+        if init_row.dataset_id != ds_row.id:
+            raise RecmergeError(f"init_model_id {spec.init_model_id}: trained on another dataset")
+    cfg = TrainConfig(recipe=spec.recipe, options=spec.options, backbone=spec.backbone, hidden=spec.hidden,
+                      layers=spec.layers, heads=spec.heads, inner=spec.inner, dropout=spec.dropout,
+                      max_len=spec.max_len, epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr,
+                      patience=spec.patience, seed=spec.seed, init=str(init) if init else None,
+                      device=a.res.device, max_minutes=spec.max_minutes)
+    last = 0.9 if spec.evaluate_test else 1.0
+    out = run_training(ds, cfg, a.workdir / "model.safetensors", progress=a.scaled(0.0, last))
+    metrics = {"valid": {"full": out.valid}}
+    if spec.evaluate_test:
+        model, _ = load_model(out.checkpoint, device=a.res.device or "cpu")
+        metrics = _merge_metrics(metrics, _evaluate(model, ds, ["test"], ["full"], a.res.device,
+                                                    a.scaled(last, 1.0)))
+    sha = a.res.store.put_file(out.checkpoint, out.sha256)
+    name = spec.name or spec.recipe
+    fields = _model_fields(a, out.checkpoint, sha, "recipe", name, ds_row.id, metrics)
+
+    def record(s: Session) -> dict:
+        return {**_result_for(jobs.register_model(s, **fields)), "best_epoch": out.best_epoch}
+
+    return record
+
+
+# fisher ----------------------------------------------------------------------------------------------
+def fisher(a: Attempt) -> Record:
+    from merging.fisher import estimate_fisher
+
+    spec = _spec(FisherSpec, a.payload)
+    row, ckpt = a.res.model(spec.model_id)
+    _, ds = a.res.dataset(row.dataset_id)
+    key = spec.settings.cache_key(row.sha256, ds.fingerprint)
+    with a.res.session() as s:
+        cached = s.scalar(select(Fisher).where(Fisher.cache_key == key))
+    if cached is not None and a.res.store.exists(cached.sha256):
+        return lambda s: {"fisher_id": cached.id, "sha256": cached.sha256, "cached": True}
+    out = a.workdir / "fisher.safetensors"
+    estimate_fisher(ckpt, ds, fisher_settings(spec.settings), out=out, progress=a.progress)
+    sha = a.res.store.put_file(out)
+
+    def record(s: Session) -> dict:
+        found = s.scalar(select(Fisher).where(Fisher.cache_key == key))
+        if found is None:
+            try:
+                with s.begin_nested():
+                    found = Fisher(id=jobs.new_id(), cache_key=key, checkpoint_sha256=row.sha256,
+                                   dataset_fingerprint=ds.fingerprint, settings=spec.settings.model_dump(),
+                                   sha256=sha)
+                    s.add(found)
+            except IntegrityError:  # a twin job cached the same Fisher first
+                found = s.scalar(select(Fisher).where(Fisher.cache_key == key))
+        return {"fisher_id": found.id, "sha256": found.sha256, "cached": False}
+
+    return record
+
+
+def fisher_settings(spec):
+    from merging.fisher import FisherSettings
+
+    return FisherSettings(**spec.model_dump())
+
+
+# evaluate --------------------------------------------------------------------------------------------
+def evaluate(a: Attempt) -> Record:
+    from models.checkpoint import load_model
+
+    spec = _spec(EvaluateSpec, a.payload)
+    row, path = a.res.model(spec.model_id)
+    _, ds = a.res.dataset(row.dataset_id)
+    model, _ = load_model(path, device=a.res.device or "cpu")
+    metrics = _evaluate(model, ds, spec.splits, spec.protocols, a.res.device, a.progress)
+
+    def record(s: Session) -> dict:
+        # Evaluation is deterministic (fixed negatives), so a re-run writes the same numbers again.
+        m = s.get(Model, spec.model_id, with_for_update=True)
+        m.metrics = _merge_metrics(m.metrics, metrics)
+        return {"model_id": m.id, "metrics": metrics}
+
+    return record
+
+
+# merge -----------------------------------------------------------------------------------------------
+def merge(a: Attempt) -> Record:
+    from models.checkpoint import load_model
+
+    spec = _spec(MergeSpec, a.payload)
+    rows, paths = zip(*(a.res.model(m) for m in spec.model_ids))
+    base = a.res.model(spec.base_model_id)[1] if spec.base_model_id else None
+    ds_row, ds = a.res.dataset(rows[0].dataset_id)
+    fishers = None
+    if spec.method == "fisher":
+        fishers = []
+        with a.res.session() as s:
+            for row in rows:
+                key = spec.fisher.cache_key(row.sha256, ds.fingerprint)
+                f = s.scalar(select(Fisher).where(Fisher.cache_key == key))
+                if f is None:
+                    raise RecmergeError(f"model {row.id}: its Fisher was not computed")
+                fishers.append(a.res.store.path_for(f.sha256))
+    steps = 1 + bool(spec.finetune_epochs) + spec.evaluate
+    out = a.workdir / "merged.safetensors"
+    run_merge(spec, list(paths), base, fishers, out, progress=a.scaled(0.0, 1 / steps, "merge "))
+    if spec.finetune_epochs:
+        out = finetune(a, ds, out, spec.finetune_epochs, progress=a.scaled(1 / steps, 2 / steps, "finetune "))
+    metrics = None
+    if spec.evaluate:
+        model, _ = load_model(out, device=a.res.device or "cpu")
+        metrics = _evaluate(model, ds, ["valid", "test"], spec.protocols, a.res.device,
+                            a.scaled((steps - 1) / steps, 1.0))
+    sha = a.res.store.put_file(out)
+    name = spec.name or f"{spec.method}({', '.join(r.name for r in rows)})"
+    fields = _model_fields(a, out, sha, "merged", name, ds_row.id, metrics)
+
+    def record(s: Session) -> dict:
+        return _result_for(jobs.register_model(s, **fields))
+
+    return record
+
+
+def run_merge(spec: MergeSpec, paths, base, fishers, out, progress):
+    from merging.merge import merge_checkpoints
+
+    return merge_checkpoints(paths, out, method=spec.method, weights=spec.weights, base=base,
+                             options=spec.options, fishers=fishers, progress=progress)
+
+
+def finetune(a: Attempt, ds, merged, epochs: int, progress):
+    """The thesis's best setting: one more short cloze training from the merged parameters."""
+    from models.train import TrainConfig
+    from models.train import train as run_training
+
+    bb = read_metadata(merged).backbone
+    cfg = TrainConfig(recipe="bert4rec", backbone=bb.kind, hidden=bb.hidden, layers=bb.layers, heads=bb.heads,
+                      inner=bb.inner, dropout=bb.dropout, max_len=bb.max_len, epochs=epochs, patience=0,
+                      init=str(merged), device=a.res.device)
+    return run_training(ds, cfg, a.workdir / "finetuned.safetensors", progress=progress).checkpoint
+
+
+BODIES = {"prepare": prepare, "train": train, "fisher": fisher, "evaluate": evaluate, "merge": merge}
