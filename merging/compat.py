@@ -1,0 +1,94 @@
+"""What must hold before checkpoints (and their base and Fishers) may be merged. Header checks run
+before any output is opened; the value checks (NaN/Inf, negative Fisher entries) run on each block as it
+streams, which is why the engine writes to a temporary file that it deletes on failure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from merging.io import SafetensorsReader
+from models.checkpoint import CheckpointMeta, parse_metadata
+from models.errors import CheckpointError, IncompatibleError
+
+
+@dataclass
+class Ingredient:
+    """One checkpoint of a merge, opened for streaming."""
+
+    path: Path
+    reader: SafetensorsReader
+    meta: CheckpointMeta
+
+    @classmethod
+    def open(cls, path) -> Ingredient:
+        reader = SafetensorsReader(path)
+        try:
+            return cls(Path(path), reader, parse_metadata(reader.metadata, where=str(path)))
+        except BaseException:
+            reader.close()
+            raise
+
+    def __enter__(self) -> Ingredient:
+        return self
+
+    def __exit__(self, *exc):
+        self.reader.close()
+
+
+def check_same_model(ref: Ingredient, other: Ingredient) -> None:
+    """Identical backbone config, n_items, dataset fingerprint, tensor names, shapes and dtypes."""
+    a, b = ref.meta.backbone, other.meta.backbone
+    for f in fields(a):
+        if getattr(a, f.name) != getattr(b, f.name):
+            raise IncompatibleError(f"{other.path}: backbone {f.name}={getattr(b, f.name)!r}, "
+                                    f"but {ref.path} has {getattr(a, f.name)!r}")
+    if other.meta.n_items != ref.meta.n_items:
+        raise IncompatibleError(f"{other.path}: n_items={other.meta.n_items}, but {ref.path} has {ref.meta.n_items}")
+    if other.meta.dataset_fingerprint != ref.meta.dataset_fingerprint:
+        raise IncompatibleError(f"{other.path}: dataset_fingerprint {other.meta.dataset_fingerprint[:12]}… differs "
+                                f"from {ref.path}'s {ref.meta.dataset_fingerprint[:12]}…")
+    check_same_tensors(ref.reader, other.reader, dtypes=True)
+
+
+def check_same_tensors(ref: SafetensorsReader, other: SafetensorsReader, dtypes: bool) -> None:
+    missing = [n for n in ref.tensors if n not in other.tensors]
+    if missing:
+        raise IncompatibleError(f"{other.path}: tensor {missing[0]!r} is missing (present in {ref.path})")
+    extra = [n for n in other.tensors if n not in ref.tensors]
+    if extra:
+        raise IncompatibleError(f"{other.path}: tensor {extra[0]!r} is not in {ref.path}")
+    for name, a in ref.tensors.items():
+        b = other.tensors[name]
+        if a.shape != b.shape:
+            raise IncompatibleError(f"{other.path}: tensor {name!r} has shape {list(b.shape)}, "
+                                    f"{ref.path} has {list(a.shape)}")
+        if dtypes and a.dtype != b.dtype:
+            raise IncompatibleError(f"{other.path}: tensor {name!r} has dtype {b.dtype}, {ref.path} has {a.dtype}")
+        if not b.dtype.is_floating_point:
+            raise IncompatibleError(f"{other.path}: tensor {name!r} has non-floating dtype {b.dtype}; "
+                                    "it cannot be averaged")
+
+
+def check_fisher(fisher: SafetensorsReader, ckpt: Ingredient, ckpt_sha256: str) -> None:
+    """A Fisher belongs to exactly one checkpoint (by sha256) and one dataset, with its tensor layout."""
+    md = fisher.metadata
+    for key in ("checkpoint_sha256", "dataset_fingerprint"):
+        if key not in md:
+            raise IncompatibleError(f"{fisher.path}: Fisher metadata field {key!r} is missing")
+    if md["checkpoint_sha256"] != ckpt_sha256:
+        raise IncompatibleError(f"{fisher.path}: Fisher was computed for checkpoint sha256 "
+                                f"{md['checkpoint_sha256'][:12]}…, but {ckpt.path} has {ckpt_sha256[:12]}…")
+    if md["dataset_fingerprint"] != ckpt.meta.dataset_fingerprint:
+        raise IncompatibleError(f"{fisher.path}: Fisher dataset_fingerprint {md['dataset_fingerprint'][:12]}… "
+                                f"differs from {ckpt.path}'s {ckpt.meta.dataset_fingerprint[:12]}…")
+    check_same_tensors(ckpt.reader, fisher, dtypes=False)
+
+
+def check_values(block: torch.Tensor, name: str, path, fisher: bool = False) -> None:
+    if not torch.isfinite(block).all():
+        raise CheckpointError(f"{path}: tensor {name!r} contains NaN or Inf")
+    if fisher and (block < 0).any():
+        raise CheckpointError(f"{path}: Fisher tensor {name!r} has negative entries")

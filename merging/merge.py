@@ -1,0 +1,233 @@
+"""The merge engine: validate everything it can from headers, then stream tensor by tensor (row block by
+row block for elementwise methods) from the inputs through the method into a temporary file that is
+renamed into place only when complete. Memory stays near (M checkpoints + M Fishers) x one block.
+
+    merge_checkpoints("fisher", ["a.safetensors", "b.safetensors"], "m.safetensors",
+                      fishers=["a.fisher.safetensors", "b.fisher.safetensors"], options={"normalize": True})
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from merging.compat import Ingredient, check_fisher, check_same_model, check_values
+from merging.io import SafetensorsReader, SafetensorsWriter, row_blocks
+from merging.methods import MergeMethod, MergeOptionsError, get_method
+from merging.methods.base import TensorInputs
+from merging.methods.greedy_soup import greedy_select
+from models.checkpoint import CheckpointMeta, file_sha256
+from models.errors import CheckpointError
+
+Progress = Callable[[str, float], None] | None
+DEFAULT_CHUNK_BYTES = 32 << 20  # per input block: small enough for low RSS, large enough for fast kernels
+
+
+@dataclass
+class MergeResult:
+    path: Path
+    sha256: str
+    method: str
+    metadata: dict[str, str]
+    bytes_read: int  # over every pass: Fisher norms, greedy-soup candidates and the merge itself
+    seconds: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def build_method(name: str, n_models: int, options: dict[str, Any] | None = None,
+                 weights: Sequence[float] | None = None) -> MergeMethod:
+    cls = get_method(name)
+    model_options = None
+    if weights is not None:
+        if "weight" not in cls.ModelOptions.model_fields:
+            raise MergeOptionsError(f"{name}: takes no per-model weights")
+        if len(weights) != n_models:
+            raise MergeOptionsError(f"{name}: got {len(weights)} weights for {n_models} checkpoints")
+        model_options = [{"weight": w} for w in weights]
+    return cls(n_models, options, model_options)
+
+
+def _check_roles(m: MergeMethod, n: int, base, fishers, score) -> None:
+    if m.needs_base and base is None:
+        raise MergeOptionsError(f"{m.name}: works on task vectors and needs a base checkpoint")
+    if not m.needs_base and base is not None:
+        raise MergeOptionsError(f"{m.name}: does not use a base checkpoint")
+    if m.needs_fisher and fishers is None:
+        raise MergeOptionsError(f"{m.name}: needs one Fisher file per checkpoint")
+    if not m.needs_fisher and fishers is not None:
+        raise MergeOptionsError(f"{m.name}: does not use Fisher files")
+    if fishers is not None and len(fishers) != n:
+        raise MergeOptionsError(f"{m.name}: got {len(fishers)} Fisher files for {n} checkpoints")
+    if m.needs_score and score is None:
+        raise MergeOptionsError(f"{m.name}: needs a score function (validation NDCG@10)")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)  # half-precision inputs are merged in float32
+
+
+def _read(reader: SafetensorsReader, name: str, start: int, stop: int, fisher: bool = False) -> torch.Tensor:
+    block = reader.read(name, start, stop)
+    check_values(block, name, reader.path, fisher=fisher)
+    return block.to(compute_dtype(block.dtype))
+
+
+def _stream(m: MergeMethod, ings: list[Ingredient], base: Ingredient | None, fishers: list[SafetensorsReader] | None,
+            sink: Callable[[str, torch.Tensor], None], chunk_bytes: int, progress: Callable[[float], None]) -> None:
+    """The one loop every merge runs: read a block of each input, merge it, hand the result to `sink`."""
+    ref = ings[0].reader
+    readers = [i.reader for i in ings] + ([base.reader] if base else []) + (fishers or [])
+    total = sum(info.nbytes for r in readers for info in r.tensors.values()) or 1
+    done = 0
+    for name, info in ref.tensors.items():
+        blocks = row_blocks(info, chunk_bytes) if m.elementwise else [(0, info.rows)]
+        for start, stop in blocks:
+            x = TensorInputs(name, [_read(i.reader, name, start, stop) for i in ings])
+            if base is not None:
+                x.base = _read(base.reader, name, start, stop)
+            if fishers is not None:
+                x.fishers = [_read(f, name, start, stop, fisher=True) for f in fishers]
+            out = m.merge(x)
+            if not torch.isfinite(out).all():
+                raise CheckpointError(f"merged tensor {name!r} has NaN or Inf entries (check weights and alpha)")
+            sink(name, out.to(info.dtype))
+            done += sum(r.tensors[name].nbytes for r in readers) * (stop - start) // max(info.rows, 1)
+            progress(min(done / total, 1.0))
+
+
+def _to_state_dict(m: MergeMethod, ings: list[Ingredient], chunk_bytes: int) -> dict[str, torch.Tensor]:
+    parts: dict[str, list[torch.Tensor]] = {}
+    _stream(m, ings, None, None, lambda name, t: parts.setdefault(name, []).append(t), chunk_bytes, lambda f: None)
+    return {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in parts.items()}
+
+
+def fisher_norm(reader: SafetensorsReader, chunk_bytes: int, progress: Callable[[float], None]) -> float:
+    """Global L2 norm over all tensors of a Fisher file, streamed and accumulated in float64."""
+    total, done, size = 0.0, 0, sum(t.nbytes for t in reader.tensors.values()) or 1
+    for name, info in reader.tensors.items():
+        for start, stop in row_blocks(info, chunk_bytes):
+            block = reader.read(name, start, stop)
+            check_values(block, name, reader.path, fisher=True)
+            total += float(torch.linalg.vector_norm(block, dtype=torch.float64)) ** 2
+            done += block.nbytes
+            progress(done / size)
+    return math.sqrt(total)
+
+
+def _merged_metadata(m: MergeMethod, ings: list[Ingredient], shas: list[str], base_sha: str | None,
+                     fishers: list[SafetensorsReader] | None, selection: dict | None) -> dict[str, str]:
+    metas = [i.meta for i in ings]
+    ref = metas[0]
+    same_recipe = all(mt.recipe == ref.recipe for mt in metas)
+    recipe = ref.recipe if same_recipe else {"name": "merge", "ingredients": [mt.recipe for mt in metas]}
+    extra = {k: v for k, v in ref.extra.items() if all(mt.extra.get(k) == v for mt in metas)}
+    merge = {"method": m.name, "ingredients": shas, "base": base_sha, **m.describe()}
+    if fishers is not None:
+        merge["fishers"] = [f.metadata for f in fishers]
+    if selection is not None:
+        merge["selection"] = selection
+    meta = CheckpointMeta(backbone=ref.backbone, recipe=recipe, dataset_fingerprint=ref.dataset_fingerprint,
+                          n_items=ref.n_items, merge=merge, extra=extra)
+    return meta.to_header()
+
+
+def merge_checkpoints(method: str, checkpoints: Sequence[str | os.PathLike], out: str | os.PathLike, *,
+                      weights: Sequence[float] | None = None, options: dict[str, Any] | None = None,
+                      base: str | os.PathLike | None = None, fishers: Sequence[str | os.PathLike] | None = None,
+                      score: Callable[[dict[str, torch.Tensor]], float] | None = None,
+                      progress: Progress = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> MergeResult:
+    """Merge `checkpoints` with `method` into the safetensors file `out`; nothing is left at (or beside)
+    `out` unless the whole merge succeeds. `score(state_dict) -> float` is needed by greedy-soup only."""
+    t0 = time.perf_counter()
+    report = progress or (lambda stage, f: None)
+    n = len(checkpoints)
+    m = build_method(method, n, options, weights)
+    _check_roles(m, n, base, fishers, score)
+    out = Path(out)
+    inputs = [Path(p) for p in [*checkpoints, *([base] if base else []), *(fishers or [])]]
+    for p in inputs:
+        if p.resolve() == out.resolve():
+            raise MergeOptionsError(f"{out}: the output would overwrite the input {p}")
+
+    with ExitStack() as stack:
+        ings = [stack.enter_context(Ingredient.open(p)) for p in checkpoints]
+        base_ing = stack.enter_context(Ingredient.open(base)) if base else None
+        for other in ings[1:] + ([base_ing] if base_ing else []):
+            check_same_model(ings[0], other)
+        fisher_readers = [stack.enter_context(SafetensorsReader(p)) for p in fishers] if fishers else None
+
+        hashed = ings + ([base_ing] if base_ing else [])
+        shas = []
+        for k, ing in enumerate(hashed):
+            shas.append(file_sha256(ing.path))
+            report("hash", (k + 1) / len(hashed))
+        base_sha = shas.pop() if base_ing else None
+        if fisher_readers:
+            for f, ing, sha in zip(fisher_readers, ings, shas):
+                check_fisher(f, ing, sha)
+        if m.needs_fisher_norms:
+            m.set_fisher_norms([fisher_norm(f, chunk_bytes, lambda x, k=k: report("fisher-norms", (k + x) / n))
+                                for k, f in enumerate(fisher_readers)])
+
+        selection, used = None, ings
+        if m.needs_score:
+            selection = _greedy(m, ings, score, chunk_bytes, report)
+            used = [ings[i] for i in selection["kept"]]
+
+        # Everything the header needs is known now; it goes first, so the tensors can stream after it.
+        metadata = _merged_metadata(m, ings, shas, base_sha, fisher_readers, selection)
+        entries = [(name, info.dtype, info.shape) for name, info in ings[0].reader.tensors.items()]
+        for r in [i.reader for i in used] + ([base_ing.reader] if base_ing else []) + (fisher_readers or []):
+            r.drop_cache = True  # the last pass over the inputs
+        with SafetensorsWriter(out, entries, metadata) as writer:
+            _stream(m, used, base_ing, fisher_readers, writer.write, chunk_bytes, lambda f: report("merge", f))
+            sha = writer.commit()
+        read = sum(r.bytes_read for r in [i.reader for i in ings] + ([base_ing.reader] if base_ing else [])
+                   + (fisher_readers or []))
+    stats = {"fallback_entries": m.fallback_entries} if hasattr(m, "fallback_entries") else {}
+    return MergeResult(out, sha, m.name, metadata, read, time.perf_counter() - t0, stats)
+
+
+def _greedy(m: MergeMethod, ings: list[Ingredient], score, chunk_bytes: int, report) -> dict:
+    n, evaluated = len(ings), 0
+
+    def soup_score(indices: list[int]) -> float:
+        nonlocal evaluated
+        s = float(score(_to_state_dict(m, [ings[i] for i in indices], chunk_bytes)))
+        if not math.isfinite(s):
+            raise MergeOptionsError(f"{m.name}: the score function returned {s} for models {indices}")
+        evaluated += 1
+        report("greedy-soup", evaluated / (2 * n - 1))  # n alone + at most n-1 candidate soups
+        return s
+
+    individual = [soup_score([i]) for i in range(n)]
+    kept, history = greedy_select(individual, soup_score)
+    report("greedy-soup", 1.0)
+    return {"individual": individual, "kept": kept, "history": history}
+
+
+def merge_state_dicts(m: MergeMethod, state_dicts: list[dict[str, torch.Tensor]],
+                      base: dict[str, torch.Tensor] | None = None,
+                      fishers: list[dict[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+    """The same merge, whole tensors in memory: for models that fit in RAM, and the reference the
+    streamed result is checked against."""
+    if m.needs_fisher_norms:
+        m.set_fisher_norms([math.sqrt(sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
+                                          for t in f.values())) for f in fishers])
+    out = {}
+    for name, ref in state_dicts[0].items():
+        cd = compute_dtype(ref.dtype)
+        x = TensorInputs(name, [sd[name].to(cd) for sd in state_dicts],
+                         base=base[name].to(cd) if base is not None else None,
+                         fishers=[f[name].to(cd) for f in fishers] if fishers is not None else None)
+        out[name] = m.merge(x).to(ref.dtype)
+    return out
+

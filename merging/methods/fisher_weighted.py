@@ -1,0 +1,63 @@
+"""`fisher` (thesis eq. 3.7): θ*⁽ʲ⁾ = Σ_i λ_i F_i⁽ʲ⁾ θ_i⁽ʲ⁾ / Σ_i λ_i F_i⁽ʲ⁾, entry by entry.
+
+Where the Fisher mass Σ_i λ_i F_i⁽ʲ⁾ is below the floor ε (or zero) no model claims the entry, and the
+λ-weighted average is used instead. With `normalize`, each F_i is first divided by its global L2 norm
+over all tensors, so one model's Fisher cannot dominate just by being on a larger scale; the norms come
+from a separate pass and are handed in by the engine (`set_fisher_norms`)."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from merging.methods.base import MergeMethod, MergeOptionsError, NoOptions, TensorInputs, Weight, weighted_average
+
+
+class FisherOptions(NoOptions):
+    normalize: bool = Field(False, description="divide each Fisher by its global L2 norm first")
+    epsilon: float = Field(0.0, ge=0.0, allow_inf_nan=False,
+                           description="entries with Σ λ_i F_i below this use the weighted average")
+
+
+class FisherWeighted(MergeMethod):
+    name = "fisher"
+    summary = "Fisher-weighted average per entry (eq. 3.7), weighted-average fallback below a floor"
+    Options = FisherOptions
+    ModelOptions = Weight
+    needs_fisher = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.norms: list[float] | None = None
+        self.fallback_entries = 0  # how many entries fell back, over the whole merge
+
+    @property
+    def needs_fisher_norms(self) -> bool:
+        return self.options.normalize
+
+    def set_fisher_norms(self, norms: list[float]) -> None:
+        for i, n in enumerate(norms):
+            if not n > 0:
+                raise MergeOptionsError(f"fisher: Fisher {i + 1} is zero everywhere; it cannot be normalised")
+        self.norms = list(norms)
+
+    def merge(self, x: TensorInputs) -> torch.Tensor:
+        lam = self.weights
+        if self.options.normalize:
+            if self.norms is None:
+                raise RuntimeError("fisher: normalize is on but the Fisher norms were never set")
+            scale = [w / n for w, n in zip(lam, self.norms)]
+        else:
+            scale = lam
+        mass = [f * s for f, s in zip(x.fishers, scale)]  # λ_i F_i (normalised)
+        num = mass[0] * x.tensors[0]
+        den = mass[0].clone()
+        for m, t in zip(mass[1:], x.tensors[1:]):
+            num += m * t
+            den += m
+        ok = (den > 0) & (den >= self.options.epsilon)
+        out = num / torch.where(ok, den, 1.0)
+        if not ok.all():
+            self.fallback_entries += int((~ok).sum())
+            out = torch.where(ok, out, weighted_average(x.tensors, lam))
+        return out
