@@ -36,6 +36,12 @@ class JobStopped(Exception):
     """The attempt no longer owns its job (cancelled, or re-queued elsewhere): stop, record nothing."""
 
 
+def _update(session: Session, stmt):
+    # No in-Python evaluation of the WHERE clause against loaded objects: SQLite hands back naive
+    # timestamps that Python cannot compare with aware ones. Callers re-read rows they care about.
+    return session.execute(stmt, execution_options={"synchronize_session": False})
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 
@@ -71,7 +77,7 @@ def create(session: Session, kind: str, payload: dict, *, job_id: str | None = N
 
 def mark_sent(session: Session, job_id: str, message_id: str) -> None:
     """Remember which broker message stands for the job; the sweeper asks the broker about it."""
-    session.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
+    _update(session, update(Job).where(Job.id == job_id, Job.status == "queued")
                     .values(celery_id=message_id, heartbeat_at=now(), stage="queued"))
 
 
@@ -98,12 +104,12 @@ def beat(session: Session, c: Claim, stage: str | None, fraction: float | None) 
     values = {"heartbeat_at": now()}
     if stage is not None:
         values.update(stage=stage[:100], fraction=float(min(max(fraction or 0.0, 0.0), 1.0)))
-    return bool(session.execute(update(Job).where(*_owned(c)).values(**values)).rowcount)
+    return bool(_update(session, update(Job).where(*_owned(c)).values(**values)).rowcount)
 
 
 def succeed(session: Session, c: Claim, result: dict) -> None:
     """Raises JobStopped (roll the transaction back: nothing registered) when the lease was lost."""
-    done = session.execute(update(Job).where(*_owned(c)).values(
+    done = _update(session, update(Job).where(*_owned(c)).values(
         status="succeeded", result=result, stage="done", fraction=1.0, error=None, finished_at=now())).rowcount
     if not done:
         raise JobStopped(c.id)
@@ -118,20 +124,20 @@ def fail(session: Session, c: Claim, error: str, *, retry: bool, max_attempts: i
         values.update(status="queued", stage="retrying", fraction=0.0, heartbeat_at=now())
     else:
         values.update(status="failed", finished_at=now())
-    done = session.execute(update(Job).where(*_owned(c)).values(**values)).rowcount
+    done = _update(session, update(Job).where(*_owned(c)).values(**values)).rowcount
     return ("queued" if again else "failed") if done else None
 
 
 def give_back(session: Session, c: Claim) -> None:
     """running -> queued without an error: the process is stopping, the work was not at fault."""
-    session.execute(update(Job).where(*_owned(c)).values(status="queued", stage="interrupted", worker=None,
+    _update(session, update(Job).where(*_owned(c)).values(status="queued", stage="interrupted", worker=None,
                                                          fraction=0.0, heartbeat_at=now()))
 
 
 def cancel(session: Session, job: Job) -> list[str]:
     """Cancel a job that has not ended, and its unfinished children. Returns the ids cancelled."""
     ids = [job.id, *((job.payload or {}).get("children") or [])]
-    res = session.execute(update(Job).where(Job.id.in_(ids), Job.status.in_(("queued", "running")))
+    res = _update(session, update(Job).where(Job.id.in_(ids), Job.status.in_(("queued", "running")))
                           .values(status="cancelled", finished_at=now(), stage="cancelled")
                           .returning(Job.id))
     return [r[0] for r in res]
@@ -155,7 +161,7 @@ def requeue_stale(session: Session, timeout_s: float, max_attempts: int) -> tupl
                       "heartbeat_at": now(), "error": job.error}
             bucket = requeued
         # The same conditions again: a heartbeat that arrived since the SELECT wins over the sweeper.
-        done = session.execute(update(Job).where(Job.id == job.id, Job.status == "running",
+        done = _update(session, update(Job).where(Job.id == job.id, Job.status == "running",
                                                  Job.attempts == job.attempts, Job.heartbeat_at < cutoff)
                                .values(**values)).rowcount
         if done:
@@ -184,11 +190,11 @@ def release(session: Session, parent_id: str) -> bool:
         return False
     if bad is not None:
         why = bad.error or bad.status
-        session.execute(update(Job).where(Job.id == parent_id, Job.status == "queued", Job.stage == WAITING)
+        _update(session, update(Job).where(Job.id == parent_id, Job.status == "queued", Job.stage == WAITING)
                         .values(status="failed", finished_at=now(), stage="failed",
                                 error=f"{bad.kind} job {bad.id} {bad.status}: {why}"))
         return False
-    return bool(session.execute(update(Job).where(Job.id == parent_id, Job.status == "queued",
+    return bool(_update(session, update(Job).where(Job.id == parent_id, Job.status == "queued",
                                                   Job.stage == WAITING)
                                 .values(stage="ready", heartbeat_at=now())).rowcount)
 

@@ -1,0 +1,122 @@
+"""Real jobs through the in-process runner: prepare + train, user errors, cancellation, the sweeper."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select, update
+
+from app.db_models import Dataset, Job, Model
+from models.errors import RecmergeError
+from models.recipes import recipe_options
+from tests.synthetic import make_planted_dataset
+from tests.workers.conftest import submit, wait
+from workers import jobs
+from workers.sweeper import sweep_once
+
+TINY = {"hidden": 16, "layers": 1, "heads": 1, "inner": 32, "max_len": 20, "batch_size": 64, "epochs": 1}
+
+
+@pytest.fixture
+def dataset_id(bg, tmp_path):
+    make_planted_dataset(tmp_path / "raw", n_users=120, n_items=30)
+    sha = bg.res.store.put_file(tmp_path / "raw" / "planted.txt")
+    jid = submit(bg.res, "prepare", {"source": f"upload:{sha}", "filename": "planted.txt", "fmt": "sasrec",
+                                     "name": "planted"})
+    job = wait(bg.res, jid)
+    assert job.status == "succeeded", job.error
+    return job.result["dataset_id"]
+
+
+def _count(res, model) -> int:
+    with res.session() as s:
+        return s.scalar(select(func.count()).select_from(model))
+
+
+def test_prepare_then_train_registers_one_model_with_its_file(bg, dataset_id):
+    with bg.res.session() as s:
+        ds = s.get(Dataset, dataset_id)
+        assert (ds.n_users, ds.n_items, ds.name) == (120, 30, "planted")
+    jid = submit(bg.res, "train", {"dataset_id": dataset_id, "name": "base", **TINY})
+    job = wait(bg.res, jid)
+    assert job.status == "succeeded", job.error
+    assert (job.attempts, job.stage, job.fraction, job.error) == (1, "done", 1.0, None)
+    with bg.res.session() as s:
+        m = s.get(Model, job.result["model_id"])
+    assert (m.kind, m.name, m.dataset_id, m.source_job_id) == ("recipe", "base", dataset_id, jid)
+    assert m.backbone["hidden"] == 16 and m.recipe["name"] == "bert4rec"
+    assert set(m.metrics) == {"valid", "test"} and 0.0 <= m.metrics["test"]["full"]["ndcg@10"] <= 1.0
+    assert bg.res.store.exists(m.sha256) and bg.res.store.size(m.sha256) == m.size
+    assert not list((bg.res.settings.tmp_dir / "jobs").iterdir())  # scratch space cleaned
+
+
+def test_user_error_fails_once_with_the_library_message(bg, dataset_id):
+    with pytest.raises(RecmergeError) as expected:
+        recipe_options("bert4rec", {"bogus": 1})
+    jid = submit(bg.res, "train", {"dataset_id": dataset_id, "options": {"bogus": 1}, **TINY})
+    job = wait(bg.res, jid)
+    assert (job.status, job.attempts, job.error) == ("failed", 1, str(expected.value))
+    assert _count(bg.res, Model) == 0
+
+
+def test_cancel_stops_a_running_job_and_registers_nothing(bg, dataset_id):
+    jid = submit(bg.res, "train", {"dataset_id": dataset_id, **{**TINY, "epochs": 500, "patience": 0}})
+    wait(bg.res, jid, until=("running",))
+    with bg.res.session() as s, s.begin():
+        assert jobs.cancel(s, s.get(Job, jid)) == [jid]
+    deadline = time.monotonic() + 20
+    while bg.runner._pending and time.monotonic() < deadline:  # the attempt notices and returns
+        time.sleep(0.05)
+    assert not bg.runner._pending
+    job = wait(bg.res, jid)
+    assert job.status == "cancelled" and job.result is None
+    assert _count(bg.res, Model) == 0
+    assert not list((bg.res.settings.tmp_dir / "jobs").iterdir())
+
+
+def _as_if_a_worker_died(res, jid):
+    with res.session() as s, s.begin():
+        assert jobs.claim(s, jid, "dead-worker") is not None
+        s.execute(update(Job).where(Job.id == jid).values(heartbeat_at=jobs.now() - timedelta(seconds=30)),
+                  execution_options={"synchronize_session": False})
+
+
+def test_sweeper_requeues_the_job_of_a_dead_worker(bg, dataset_id):
+    with bg.res.session() as s, s.begin():
+        jid = jobs.create(s, "train", {"dataset_id": dataset_id, **TINY}).id
+    _as_if_a_worker_died(bg.res, jid)
+    report = sweep_once(bg.res)
+    assert report["requeued"] == [jid]
+    job = wait(bg.res, jid)
+    assert (job.status, job.attempts) == ("succeeded", 2)
+    assert _count(bg.res, Model) == 1
+
+
+def test_sweeper_fails_after_max_attempts(bg, dataset_id):
+    with bg.res.session() as s, s.begin():
+        jid = jobs.create(s, "train", {"dataset_id": dataset_id, **TINY}).id
+        # Earlier attempts already died; this is the last one allowed.
+        s.execute(update(Job).where(Job.id == jid).values(attempts=bg.res.settings.MAX_ATTEMPTS - 1,
+                                                          error="Killed"),
+                  execution_options={"synchronize_session": False})
+    _as_if_a_worker_died(bg.res, jid)
+    report = sweep_once(bg.res)
+    assert (report["requeued"], report["failed"]) == ([], [jid])
+    job = wait(bg.res, jid)
+    assert job.status == "failed"
+    assert job.error == ("gave up after 2 attempts: worker dead-worker stopped sending heartbeats (attempt 2); "
+                         "last error: Killed")
+    assert _count(bg.res, Model) == 0
+
+
+def test_sweeper_resends_a_lost_message(bg, dataset_id):
+    with bg.res.session() as s, s.begin():
+        jid = jobs.create(s, "train", {"dataset_id": dataset_id, **TINY}).id
+        jobs.mark_sent(s, jid, "a-message-the-broker-lost")
+        s.execute(update(Job).where(Job.id == jid).values(heartbeat_at=jobs.now() - timedelta(seconds=30)),
+                  execution_options={"synchronize_session": False})
+    assert sweep_once(bg.res)["resent"] == [jid]
+    job = wait(bg.res, jid)
+    assert (job.status, job.attempts) == ("succeeded", 1)
