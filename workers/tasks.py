@@ -188,6 +188,7 @@ def evaluate(a: Attempt) -> Record:
 
 # merge -----------------------------------------------------------------------------------------------
 def merge(a: Attempt) -> Record:
+    from merging.merge import merge_checkpoints
     from models.checkpoint import load_model
 
     spec = _spec(MergeSpec, a.payload)
@@ -206,9 +207,16 @@ def merge(a: Attempt) -> Record:
                 fishers.append(a.res.store.path_for(f.sha256))
     steps = 1 + bool(spec.finetune_epochs) + spec.evaluate
     out = a.workdir / "merged.safetensors"
-    run_merge(spec, list(paths), base, fishers, out, progress=a.scaled(0.0, 1 / steps, "merge "))
+    score = None
+    if spec.method == "greedy-soup":
+        from app.commands.merge import validation_score
+
+        score = validation_score(ds, read_metadata(paths[0]).backbone, a.res.device)
+    merged = merge_checkpoints(spec.method, list(paths), out, weights=spec.weights, options=spec.options,
+                               base=base, fishers=fishers, score=score,
+                               progress=a.scaled(0.0, 1 / steps, "merge "))
     if spec.finetune_epochs:
-        out = finetune(a, ds, out, spec.finetune_epochs, progress=a.scaled(1 / steps, 2 / steps, "finetune "))
+        out = finetune(a, ds, merged, spec.finetune_epochs, progress=a.scaled(1 / steps, 2 / steps, "finetune "))
     metrics = None
     if spec.evaluate:
         model, _ = load_model(out, device=a.res.device or "cpu")
@@ -224,23 +232,23 @@ def merge(a: Attempt) -> Record:
     return record
 
 
-def run_merge(spec: MergeSpec, paths, base, fishers, out, progress):
-    from merging.merge import merge_checkpoints
-
-    return merge_checkpoints(paths, out, method=spec.method, weights=spec.weights, base=base,
-                             options=spec.options, fishers=fishers, progress=progress)
-
-
 def finetune(a: Attempt, ds, merged, epochs: int, progress):
-    """The thesis's best setting: one more short cloze training from the merged parameters."""
+    """The thesis's best setting: a short cloze training from the merged parameters. The result keeps
+    the merge's description, plus how it was fine-tuned."""
+    from models.checkpoint import load_checkpoint, save_checkpoint
     from models.train import TrainConfig
     from models.train import train as run_training
 
-    bb = read_metadata(merged).backbone
+    bb = read_metadata(merged.path).backbone
     cfg = TrainConfig(recipe="bert4rec", backbone=bb.kind, hidden=bb.hidden, layers=bb.layers, heads=bb.heads,
                       inner=bb.inner, dropout=bb.dropout, max_len=bb.max_len, epochs=epochs, patience=0,
-                      init=str(merged), device=a.res.device)
-    return run_training(ds, cfg, a.workdir / "finetuned.safetensors", progress=progress).checkpoint
+                      init=str(merged.path), device=a.res.device)
+    out = run_training(ds, cfg, a.workdir / "finetuned.safetensors", progress=progress).checkpoint
+    state, meta = load_checkpoint(out)
+    meta.merge = read_metadata(merged.path).merge | {
+        "finetune": {"recipe": "bert4rec", "epochs": epochs, "from_sha256": merged.sha256}}
+    save_checkpoint(out, state, meta)
+    return out
 
 
 BODIES = {"prepare": prepare, "train": train, "fisher": fisher, "evaluate": evaluate, "merge": merge}

@@ -1,0 +1,72 @@
+"""Training and merge jobs: POST queues (202), GET polls, DELETE cancels. Jobs run on Celery workers or,
+embedded, on the API process's own runner; either way their state is read back from the database."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Request
+from sqlalchemy.exc import IntegrityError
+
+from app.api.deps import SessionDep, WriteAccess
+from app.job_schemas import JobPublic, MergeJobCreate, MergeJobPublic, TrainJobCreate
+from app.services import jobs
+from workers.runner import Background
+
+router = APIRouter(tags=["jobs"])
+
+
+def get_background(request: Request) -> Background:
+    return request.app.state.background
+
+
+BackgroundDep = Annotated[Background, Depends(get_background)]
+IdempotencyKey = Annotated[str | None, Header(max_length=200, description="repeat a POST safely: the same key "
+                                                                          "returns the job the first one made")]
+
+
+def _queue(session, bg: Background, submit, spec, key):
+    try:
+        job, send = submit(session, spec, key)
+        session.commit()
+    except IntegrityError:  # a concurrent request with the same idempotency key won
+        session.rollback()
+        job, send = submit(session, spec, key)
+    # Sent only after the commit: a worker must find the row it is told about.
+    for job_id, kind in send:
+        bg.res.dispatch(job_id, kind)
+    return job
+
+
+@router.post("/train-jobs", response_model=JobPublic, status_code=202, dependencies=[WriteAccess])
+def create_train_job(body: TrainJobCreate, session: SessionDep, bg: BackgroundDep,
+                     idempotency_key: IdempotencyKey = None):
+    """Train a recipe on a dataset (optionally from `init_model_id`); the model is registered when it ends."""
+    return jobs.job_public(_queue(session, bg, jobs.submit_train, body, idempotency_key))
+
+
+@router.get("/jobs/{job_id}", response_model=JobPublic)
+def get_job(job_id: str, session: SessionDep):
+    return jobs.job_public(jobs.get_job(session, job_id))
+
+
+@router.post("/merge-jobs", response_model=MergeJobPublic, status_code=202, dependencies=[WriteAccess])
+def create_merge_job(body: MergeJobCreate, session: SessionDep, bg: BackgroundDep,
+                     idempotency_key: IdempotencyKey = None):
+    """Merge registered models. With method `fisher` each ingredient's Fisher is estimated (in parallel,
+    cached); with `evaluate` the merged model is scored beside its ingredients."""
+    job = _queue(session, bg, jobs.submit_merge, body, idempotency_key)
+    return jobs.merge_job_public(session, job)
+
+
+@router.get("/merge-jobs/{job_id}", response_model=MergeJobPublic)
+def get_merge_job(job_id: str, session: SessionDep):
+    return jobs.merge_job_public(session, jobs.get_job(session, job_id, "merge"))
+
+
+@router.delete("/merge-jobs/{job_id}", response_model=MergeJobPublic, dependencies=[WriteAccess])
+def cancel_merge_job(job_id: str, session: SessionDep):
+    """Cancel a queued or running merge job and the jobs it waits for; a running step stops at its next
+    progress report and registers nothing."""
+    job = jobs.cancel(session, jobs.get_job(session, job_id, "merge"))
+    return jobs.merge_job_public(session, job)
