@@ -1,0 +1,128 @@
+"""The FastAPI application. `create_app()` builds it from Settings; uvicorn calls it as a factory.
+
+Embedded mode (no broker): the schema is migrated when the app is built, and the job runner runs in
+this process. With a broker, `recmerge db upgrade` migrates and Celery workers run the jobs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import HTTPException
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.api import aliases, datasets, events, health, models, recipes, recommend
+from app.db import make_engine, make_sessionmaker
+from app.metrics import Metrics, MetricsMiddleware
+from app.migrate import upgrade
+from app.services.errors import ServiceError
+from app.serving import Recommender, set_torch_threads
+from app.settings import Settings, get_settings
+from app.store import store_from_settings
+from models.errors import RecmergeError
+
+log = logging.getLogger("recmerge.api")
+
+
+class BodyLimit:
+    """413 for any request body over the limit — before reading it when Content-Length says so, else
+    as soon as the streamed bytes pass it — so an oversized upload is never spooled whole."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app = app
+        self.limit = limit
+
+    def _too_large(self) -> HTTPException:
+        return HTTPException(413, f"request body larger than the upload limit of {self.limit} bytes "
+                                  "(RECMERGE_MAX_UPLOAD_BYTES)")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            err = self._too_large()
+            await JSONResponse({"detail": err.detail}, 413, headers={"Connection": "close"})(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise self._too_large()  # FastAPI passes HTTPExceptions from body reading through
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _start_jobs(settings: Settings):
+    """J's workers: the sweeper, plus the in-process runner when embedded. Imported lazily: the API
+    alone (and its tests) must not need the workers package."""
+    if importlib.util.find_spec("workers.runner") is None:
+        log.warning("workers.runner is missing: jobs will stay queued")
+        return None
+    from workers.runner import start_background
+
+    return start_background(settings)
+
+
+def create_app(settings: Settings | None = None, *, jobs: bool = True) -> FastAPI:
+    """`jobs=False` builds the API without the job runner and sweeper (API-only tests)."""
+    settings = settings or get_settings()
+    settings.tmp_dir.mkdir(parents=True, exist_ok=True)
+    if settings.embedded:
+        upgrade(settings.DATABASE_URL)
+    engine = make_engine(settings.DATABASE_URL)
+    sessions = make_sessionmaker(engine)
+    store = store_from_settings(settings)
+    metrics = Metrics()
+    recommender = Recommender(engine, sessions, store, settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        set_torch_threads(settings.torch_threads())
+        app.state.background = _start_jobs(settings) if jobs else None
+        try:
+            yield
+        finally:
+            if app.state.background is not None:
+                app.state.background.stop()
+            recommender.close()
+            engine.dispose()
+
+    app = FastAPI(title="recmerge", version="0.1.0", lifespan=lifespan,
+                  description="Train, merge and serve sequential recommenders.")
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessions = sessions
+    app.state.store = store
+    app.state.metrics = metrics
+    app.state.recommender = recommender
+    app.state.background = None
+
+    for module in (datasets, recipes, models, aliases, recommend, events, health):
+        app.include_router(module.router)
+    if importlib.util.find_spec("app.api.jobs") is not None:
+        from app.api import jobs as jobs_api
+
+        app.include_router(jobs_api.router)
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError):
+        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(RecmergeError)
+    async def _bad_input(request: Request, exc: RecmergeError):
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    app.add_middleware(BodyLimit, limit=settings.MAX_UPLOAD_BYTES)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
