@@ -16,11 +16,11 @@ from workers.runner import Background
 router = APIRouter(tags=["jobs"])
 
 
-def get_background(request: Request) -> Background:
+def get_background(request: Request) -> Background | None:
     return request.app.state.background
 
 
-BackgroundDep = Annotated[Background, Depends(get_background)]
+BackgroundDep = Annotated[Background | None, Depends(get_background)]
 IdempotencyKey = Annotated[str | None, Header(max_length=200, description="repeat a POST safely: the same key "
                                                                           "returns the job the first one made")]
 
@@ -32,8 +32,9 @@ def _queue(session, bg: Background, submit, spec, key):
     except IntegrityError:  # a concurrent request with the same idempotency key won
         session.rollback()
         job, send = submit(session, spec, key)
-    # Sent only after the commit: a worker must find the row it is told about.
-    for job_id, kind in send:
+    # Sent only after the commit: a worker must find the row it is told about. Without a background
+    # (an API built with jobs=False) the jobs stay queued for another process's sweeper to send.
+    for job_id, kind in send if bg is not None else ():
         bg.res.dispatch(job_id, kind)
     return job
 
