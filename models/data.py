@@ -202,11 +202,24 @@ def _check_structure(path: Path, items, offsets, user_ids, item_ids) -> None:
 
 
 # --- preparing ------------------------------------------------------------------------------------
+def _compact(values: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dense ranks of non-negative ints below `size`, by a counting pass instead of a sort: (ranks, kept)."""
+    present = np.zeros(size, dtype=bool)
+    present[values] = True
+    rank = np.cumsum(present) - 1
+    return rank[values], np.flatnonzero(present)
+
+
 def _factorize(col: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """(codes, labels) with labels in ascending original-id order: numeric if all ids are integers."""
-    uniq, inv = np.unique(col, return_inverse=True)
-    if uniq.dtype.kind in "iu":
+    if col.dtype.kind in "iu":
+        lo, hi = int(col.min()), int(col.max())
+        if hi - lo <= 4 * len(col) + (1 << 20):  # ids dense enough to count rather than sort
+            codes, kept = _compact(col - lo, hi - lo + 1)
+            return codes, [str(int(x) + lo) for x in kept]
+        uniq, inv = np.unique(col, return_inverse=True)
         return inv, [str(int(x)) for x in uniq]
+    uniq, inv = np.unique(col, return_inverse=True)
     try:
         as_int = uniq.astype(np.int64)
         numeric = bool((as_int.astype(str) == uniq).all())  # "007" or "+7" must stay strings
@@ -254,8 +267,8 @@ def build_sequences(inter: Interactions, min_user: int = 5, min_item: int = 0):
     if inter.order is not None:
         idx = np.argsort(inter.order[keep], kind="stable")
     idx = idx[np.argsort(user[idx], kind="stable")]
-    kept_users, user_new = np.unique(user, return_inverse=True)
-    kept_items, item_new = np.unique(item, return_inverse=True)
+    user_new, kept_users = _compact(user, len(user_labels))
+    item_new, kept_items = _compact(item, len(item_labels))
     items = (item_new[idx] + 1).astype(np.int32)
     offsets = np.zeros(len(kept_users) + 1, dtype=np.int64)
     np.cumsum(np.bincount(user_new, minlength=len(kept_users)), out=offsets[1:])

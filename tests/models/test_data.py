@@ -84,6 +84,19 @@ def test_string_ids_sort_as_strings_and_keep_their_spelling(tmp_path):
     rows = [("x", "007", 1), ("x", "b", 2), ("x", "10", 3), ("x", "a", 4)]
     ds = prepare_dataset(csv(tmp_path / "r.csv", rows), tmp_path / "out", min_user=3)
     assert ds.item_ids == ["007", "10", "a", "b"]
+    rows = [(1, "+7", 1), (1, "07", 2), (1, 7, 3)]  # all integers, three spellings: three items
+    ds = prepare_dataset(csv(tmp_path / "s.csv", rows), tmp_path / "out2", min_user=3)
+    assert sorted(ds.item_ids) == ["+7", "07", "7"]
+
+
+def test_integer_and_string_parsing_agree(tmp_path):
+    # Integer-only files take a faster parser; float times force the string one. Same content, same result.
+    rows = [(u, i, 10 * i + u) for u in (3, 20, 100) for i in (5, 40, 7, 300)]
+    ints = prepare_dataset(csv(tmp_path / "a.csv", rows), tmp_path / "one", min_user=3)
+    floats = prepare_dataset(csv(tmp_path / "b.csv", [(u, i, f"{t}.0") for u, i, t in rows]), tmp_path / "two",
+                             min_user=3)
+    assert ints.item_ids == ["5", "7", "40", "300"] and ints.user_ids == ["3", "20", "100"]
+    assert floats.fingerprint == ints.fingerprint
 
 
 def test_filters_reach_a_fixed_point(tmp_path):

@@ -67,7 +67,7 @@ def test_csv_aliases_quotes_and_hash_in_fields(tmp_path):
     text = 'title,userId,movieId,timestamp\n"Se7en, #1",10,20,300\nplain,11,21,301\n'
     inter = read_interactions(write(tmp_path / "r.csv", text))
     assert inter.fmt == "csv"
-    assert inter.user.tolist() == ["10", "11"] and inter.item.tolist() == ["20", "21"]
+    assert inter.user.tolist() == [10, 11] and inter.item.tolist() == [20, 21]  # integer-only: int64
     assert inter.order.tolist() == [300, 301]
 
 
