@@ -180,8 +180,8 @@ class SafetensorsWriter:
 
     def write(self, name: str, block: torch.Tensor) -> None:
         """Append `block` (the whole tensor or its next rows) to tensor `name`, which must be the current one."""
-        while self._index < len(self._plan) and self._left == 0:  # skip tensors with no bytes
-            self._advance()
+        while self._index < len(self._plan) and self._left == 0 and self._plan[self._index][0] != name:
+            self._advance()  # tensors with no bytes need no write
         if self._index >= len(self._plan) or self._plan[self._index][0] != name:
             expected = self._plan[self._index][0] if self._index < len(self._plan) else "nothing"
             raise RuntimeError(f"writer: got tensor {name!r}, expected {expected!r}")

@@ -1,0 +1,50 @@
+"""Tiny checkpoints and Fisher files for merge tests, written the way the project writes them."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import save_file
+
+from models.backbone import SeqRecModel
+from models.checkpoint import CheckpointMeta, file_sha256, save_checkpoint
+from models.config import BackboneConfig
+
+CFG = BackboneConfig(n_items=30, hidden=8, layers=1, heads=2, inner=16, max_len=10)
+FINGERPRINT = "ab" * 32
+
+
+def tiny_state(seed: int, cfg: BackboneConfig = CFG) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    state = SeqRecModel(cfg).state_dict()
+    # Fresh LayerNorms and biases are identical across seeds; perturb so every tensor differs.
+    return {k: v + 0.05 * torch.randn(v.shape) for k, v in state.items()}
+
+
+def meta(cfg: BackboneConfig = CFG, fingerprint: str = FINGERPRINT, recipe: dict | None = None,
+         extra: dict | None = None) -> CheckpointMeta:
+    return CheckpointMeta(backbone=cfg, recipe=recipe or {"name": "bert4rec"}, dataset_fingerprint=fingerprint,
+                          n_items=cfg.n_items, extra=extra or {})
+
+
+def make_checkpoint(path, seed: int, cfg: BackboneConfig = CFG, fingerprint: str = FINGERPRINT,
+                    recipe: dict | None = None, state: dict | None = None, extra: dict | None = None) -> str:
+    state = tiny_state(seed, cfg) if state is None else state
+    return save_checkpoint(path, state, meta(cfg, fingerprint, recipe, extra))
+
+
+def write_raw(path, state: dict[str, torch.Tensor], m: CheckpointMeta | None = None) -> None:
+    """Bypasses save_checkpoint's own checks, for inputs the merge must refuse (NaN, odd tensors)."""
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=(m or meta()).to_header())
+
+
+def make_fisher(path, checkpoint, seed: int, fisher: dict | None = None, fingerprint: str = FINGERPRINT,
+                sha256: str | None = None) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    if fisher is None:
+        g = torch.Generator().manual_seed(1000 + seed)
+        with safe_open(str(checkpoint), "pt") as f:
+            fisher = {k: torch.rand(f.get_slice(k).get_shape(), generator=g) for k in f.keys()}
+    save_file(fisher, str(path), metadata={"checkpoint_sha256": sha256 or file_sha256(checkpoint),
+                                           "dataset_fingerprint": fingerprint, "sampling": "exact"})
+    return fisher

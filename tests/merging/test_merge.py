@@ -1,0 +1,298 @@
+"""The merge engine end to end on tiny checkpoints: streamed output equals the in-memory merge bit for
+bit, the file opens everywhere and records its provenance, and every bad input is refused with its
+reason and leaves no file (final or temporary) in the output directory."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from merging.merge import build_method, merge_checkpoints, merge_state_dicts
+from models.checkpoint import CREATED_BY, file_sha256, load_checkpoint, load_model
+from models.config import BackboneConfig
+from models.errors import CheckpointError, IncompatibleError
+from tests.merging.factory import CFG, FINGERPRINT, make_checkpoint, make_fisher, tiny_state, write_raw
+
+
+@pytest.fixture
+def world(tmp_path):
+    """Three checkpoints with Fishers, a base, and an empty output directory."""
+    src = tmp_path / "in"
+    src.mkdir()
+    ckpts = [src / f"c{i}.safetensors" for i in range(3)]
+    for i, p in enumerate(ckpts):
+        make_checkpoint(p, seed=i, extra={"run": f"run{i}", "team": "recsys"})
+    fishers = [src / f"f{i}.safetensors" for i in range(3)]
+    for i, (f, c) in enumerate(zip(fishers, ckpts)):
+        make_fisher(f, c, seed=i)
+    base = src / "base.safetensors"
+    make_checkpoint(base, seed=99)
+    out = tmp_path / "out"
+    out.mkdir()
+    return {"ckpts": ckpts, "fishers": fishers, "base": base, "out": out, "src": src}
+
+
+def _fisher_dict(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+CASES = [
+    ("uniform", {}, None),
+    ("weighted", {}, [1.0, 2.0, 0.5]),
+    ("fisher", {"normalize": True}, [2.0, 1.0, 1.0]),
+    ("fisher", {"epsilon": 0.05}, None),
+    ("task-arithmetic", {"alpha": 0.7}, [1.0, 0.5, 2.0]),
+    ("ties", {"density": 0.3}, None),
+    ("dare", {"p": 0.6, "seed": 5, "combine": "ties"}, [1.0, 1.0, 3.0]),
+    ("dare", {"p": 0.3}, None),
+]
+
+
+@pytest.mark.parametrize("chunk_bytes", [32 << 20, 100])  # whole tensors, and blocks of a few rows
+@pytest.mark.parametrize("method, options, weights", CASES)
+def test_streamed_merge_equals_in_memory_merge_bit_for_bit(world, method, options, weights, chunk_bytes):
+    m = build_method(method, 3, options, weights)
+    base = world["base"] if m.needs_base else None
+    fishers = world["fishers"] if m.needs_fisher else None
+    out = world["out"] / "m.safetensors"
+    res = merge_checkpoints(method, world["ckpts"], out, weights=weights, options=options, base=base,
+                            fishers=fishers, chunk_bytes=chunk_bytes)
+    got, got_meta = load_checkpoint(out)
+    expected = merge_state_dicts(m, [load_checkpoint(c)[0] for c in world["ckpts"]],
+                                 base=load_checkpoint(base)[0] if base else None,
+                                 fishers=[_fisher_dict(f) for f in fishers] if fishers else None)
+    assert set(got) == set(expected)
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+    # and the merge really moved away from every ingredient
+    assert not any(torch.equal(got["out_bias"], load_checkpoint(c)[0]["out_bias"]) for c in world["ckpts"])
+    assert res.sha256 == file_sha256(out)
+    assert os.listdir(world["out"]) == ["m.safetensors"]
+
+
+def test_output_opens_everywhere_and_records_its_provenance(world):
+    out = world["out"] / "m.safetensors"
+    res = merge_checkpoints("fisher", world["ckpts"], out, fishers=world["fishers"], weights=[1, 2, 3],
+                            options={"normalize": "true"})
+    model, meta_ = load_model(out)
+    assert meta_.backbone == CFG and meta_.dataset_fingerprint == FINGERPRINT and meta_.n_items == CFG.n_items
+    assert meta_.recipe == {"name": "bert4rec"}
+    assert meta_.created_by == CREATED_BY
+    assert meta_.extra == {"team": "recsys"}  # common metadata is kept, per-ingredient metadata is not
+    merge = meta_.merge
+    assert merge["method"] == "fisher"
+    assert merge["ingredients"] == [file_sha256(c) for c in world["ckpts"]]
+    assert merge["base"] is None
+    assert merge["weights"] == [1.0, 2.0, 3.0]
+    assert merge["options"] == {"normalize": True, "epsilon": 0.0}
+    assert [f["checkpoint_sha256"] for f in merge["fishers"]] == merge["ingredients"]
+    with safe_open(str(out), "pt") as f:
+        assert json.loads(f.metadata()["merge"]) == merge
+        assert set(f.keys()) == set(model.state_dict())
+    assert res.bytes_read > 0 and res.stats == {"fallback_entries": 0}
+
+
+def test_task_vector_merge_records_the_base_and_differing_recipes(world, tmp_path):
+    other = world["src"] / "cl.safetensors"
+    make_checkpoint(other, seed=7, recipe={"name": "cl4srec", "lambda": 0.1})
+    out = world["out"] / "m.safetensors"
+    merge_checkpoints("ties", [world["ckpts"][0], other], out, base=world["base"])
+    _, m = load_checkpoint(out)
+    assert m.merge["base"] == file_sha256(world["base"])
+    assert m.recipe == {"name": "merge", "ingredients": [{"name": "bert4rec"}, {"name": "cl4srec", "lambda": 0.1}]}
+
+
+def test_greedy_soup_keeps_models_that_do_not_lower_the_score(world):
+    paths = []
+    for i, level in enumerate([1.0, 3.0, 10.0]):
+        state = tiny_state(i)
+        state["out_bias"] = torch.full_like(state["out_bias"], level)
+        paths.append(world["src"] / f"g{i}.safetensors")
+        make_checkpoint(paths[-1], seed=i, state=state)
+    calls = []
+
+    def score(sd):  # best when the output bias averages 2: soups of the first two models
+        calls.append(float(sd["out_bias"].mean()))
+        return -abs(float(sd["out_bias"].mean()) - 2.0)
+
+    out = world["out"] / "soup.safetensors"
+    res = merge_checkpoints("greedy-soup", paths, out, score=score)
+    sel = json.loads(res.metadata["merge"])["selection"]
+    assert sel["kept"] == [0, 1]  # 0 and 1 tie alone (input order breaks it); 2 would lower the soup
+    assert [h["kept"] for h in sel["history"]] == [True, True, False]
+    assert calls == pytest.approx([1.0, 3.0, 10.0, 2.0, 14 / 3])
+    soup, _ = load_checkpoint(out)
+    merge_checkpoints("uniform", paths[:2], world["out"] / "u.safetensors")
+    uniform, _ = load_checkpoint(world["out"] / "u.safetensors")
+    assert all(torch.equal(soup[k], uniform[k]) for k in soup)
+
+
+def test_dare_files_are_reproducible_per_seed(world):
+    def dare(seed, name):
+        return merge_checkpoints("dare", world["ckpts"], world["out"] / name, base=world["base"],
+                                 options={"seed": seed}).sha256
+
+    assert dare(1, "a.safetensors") == dare(1, "b.safetensors")
+    assert dare(1, "a.safetensors") != dare(2, "c.safetensors")
+
+
+def test_progress_reports_each_stage_up_to_one(world):
+    seen = {}
+    merge_checkpoints("fisher", world["ckpts"], world["out"] / "m.safetensors", fishers=world["fishers"],
+                      options={"normalize": True}, progress=lambda s, f: seen.setdefault(s, []).append(f),
+                      chunk_bytes=256)
+    assert list(seen) == ["hash", "fisher-norms", "merge"]
+    for stage, fractions in seen.items():
+        assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0), stage
+    assert len(seen["merge"]) > 20  # small blocks: many steps
+
+
+# ---- refusals: each names its reason and leaves the output directory empty -------------------------
+
+def _nan_last_tensor(path, value):
+    """A checkpoint whose last tensor in file order is poisoned, so the merge is mid-write when it sees it."""
+    state = tiny_state(5)
+    with safe_open(str(path.parent / "c0.safetensors"), "pt") as f:
+        last = list(f.keys())[-1]
+    state[last] = state[last].clone()
+    state[last].view(-1)[3] = value
+    write_raw(path, state)
+    return last
+
+
+def _setup(case, w):
+    """(kwargs for merge_checkpoints, expected error, message pattern) for one bad-input case."""
+    src, ckpts, fishers = w["src"], [str(c) for c in w["ckpts"]], [str(f) for f in w["fishers"]]
+    bad = src / "bad.safetensors"
+    kw = {"method": "uniform", "checkpoints": ckpts[:2]}
+    if case == "backbone":
+        make_checkpoint(bad, 1, cfg=BackboneConfig(n_items=30, hidden=8, layers=1, heads=2, inner=16, max_len=12))
+        return kw | {"checkpoints": [ckpts[0], str(bad)]}, IncompatibleError, "backbone max_len=12, but .* has 10"
+    if case == "n_items":
+        make_checkpoint(bad, 1, cfg=BackboneConfig(n_items=31, hidden=8, layers=1, heads=2, inner=16, max_len=10))
+        return kw | {"checkpoints": [ckpts[0], str(bad)]}, IncompatibleError, "n_items=31"
+    if case == "fingerprint":
+        make_checkpoint(bad, 1, fingerprint="cd" * 32)
+        return kw | {"checkpoints": [ckpts[0], str(bad)]}, IncompatibleError, "dataset_fingerprint cdcd"
+    if case == "base-fingerprint":
+        make_checkpoint(bad, 1, fingerprint="cd" * 32)
+        return (kw | {"method": "task-arithmetic", "base": str(bad)}, IncompatibleError,
+                "bad.safetensors: dataset_fingerprint")
+    if case == "missing-tensor":
+        state = tiny_state(1)
+        del state["head.bias"]
+        make_checkpoint(bad, 1, state=state)
+        return kw | {"checkpoints": [ckpts[0], str(bad)]}, IncompatibleError, "tensor 'head.bias' is missing"
+    if case == "shape":
+        state = tiny_state(1)
+        state["out_bias"] = torch.zeros(31)
+        write_raw(bad, state)
+        return kw | {"checkpoints": [ckpts[0], str(bad)]}, IncompatibleError, r"'out_bias' has shape \[31\]"
+    if case == "dtype":
+        make_checkpoint(bad, 1, state={k: v.half() for k, v in tiny_state(1).items()})
+        return kw | {"checkpoints": [ckpts[0], str(bad)]}, IncompatibleError, "dtype torch.float16"
+    if case == "nan":
+        name = _nan_last_tensor(bad, float("nan"))
+        return kw | {"checkpoints": [ckpts[0], str(bad)]}, CheckpointError, f"tensor '{name}' contains NaN or Inf"
+    if case == "inf-base":
+        name = _nan_last_tensor(bad, float("inf"))
+        return (kw | {"method": "ties", "base": str(bad)}, CheckpointError,
+                f"bad.safetensors: tensor '{name}' contains NaN or Inf")
+    fisher_kw = kw | {"method": "fisher", "fishers": fishers[:2]}
+    if case == "fisher-of-another-checkpoint":
+        return fisher_kw | {"fishers": [fishers[1], fishers[0]]}, IncompatibleError, "computed for checkpoint sha256"
+    if case == "fisher-fingerprint":
+        make_fisher(bad, ckpts[1], 1, fingerprint="cd" * 32)
+        return fisher_kw | {"fishers": [fishers[0], str(bad)]}, IncompatibleError, "Fisher dataset_fingerprint"
+    if case == "fisher-shape":
+        f = {k: v.clone() for k, v in _fisher_dict(fishers[1]).items()}
+        f["out_bias"] = torch.ones(29)
+        make_fisher(bad, ckpts[1], 1, fisher=f)
+        return fisher_kw | {"fishers": [fishers[0], str(bad)]}, IncompatibleError, "'out_bias' has shape"
+    if case == "fisher-names":
+        f = _fisher_dict(fishers[1])
+        f["extra.weight"] = f.pop("head.weight")
+        make_fisher(bad, ckpts[1], 1, fisher=f)
+        return fisher_kw | {"fishers": [fishers[0], str(bad)]}, IncompatibleError, "'head.weight' is missing"
+    if case in ("fisher-inf", "fisher-inf-normalized", "fisher-negative"):
+        f = {k: v.clone() for k, v in _fisher_dict(fishers[1]).items()}
+        last = list(f)[-1]
+        f[last].view(-1)[0] = -1.0 if case == "fisher-negative" else float("inf")
+        make_fisher(bad, ckpts[1], 1, fisher=f)
+        options = {"normalize": case == "fisher-inf-normalized"}
+        why = "has negative entries" if case == "fisher-negative" else "contains NaN or Inf"
+        return (fisher_kw | {"fishers": [fishers[0], str(bad)], "options": options}, CheckpointError,
+                f"tensor '{last}' {why}")
+    if case == "negative-weight":
+        return kw | {"method": "weighted", "weights": [1.0, -0.5]}, IncompatibleError, "model 2 option 'weight'"
+    if case == "zero-weights":
+        return kw | {"method": "weighted", "weights": [0.0, 0.0]}, IncompatibleError, "weights sum to 0"
+    if case == "no-base":
+        return kw | {"method": "task-arithmetic"}, IncompatibleError, "needs a base checkpoint"
+    if case == "no-fisher":
+        return kw | {"method": "fisher"}, IncompatibleError, "needs one Fisher file per checkpoint"
+    if case == "no-score":
+        return kw | {"method": "greedy-soup"}, IncompatibleError, "needs a score function"
+    if case == "pickle":
+        pt = src / "model.pt"
+        pt.write_bytes(b"PK\x03\x04 not for us")
+        return kw | {"checkpoints": [ckpts[0], str(pt)]}, CheckpointError, "pickled checkpoints"
+    if case == "pickle-renamed":
+        bad.write_bytes(b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00}\x94(\x8c\x01a\x94K\x01u.")
+        return kw | {"checkpoints": [ckpts[0], str(bad)]}, CheckpointError, "not a safetensors file"
+    if case == "not-recmerge":
+        from safetensors.torch import save_file
+
+        save_file(tiny_state(1), str(bad))
+        return kw | {"checkpoints": [ckpts[0], str(bad)]}, CheckpointError, "not a recmerge checkpoint"
+    if case == "overwrite-input":
+        return kw | {"out": ckpts[1]}, IncompatibleError, "would overwrite the input"
+    raise AssertionError(case)
+
+
+BAD_CASES = ["backbone", "n_items", "fingerprint", "base-fingerprint", "missing-tensor", "shape", "dtype", "nan",
+             "inf-base", "fisher-of-another-checkpoint", "fisher-fingerprint", "fisher-shape", "fisher-names",
+             "fisher-inf", "fisher-inf-normalized", "fisher-negative", "negative-weight", "zero-weights",
+             "no-base", "no-fisher", "no-score", "pickle", "pickle-renamed", "not-recmerge", "overwrite-input"]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_inputs_are_refused_and_leave_nothing(world, case):
+    kw, error, message = _setup(case, world)
+    before_inputs = sorted(os.listdir(world["src"]))
+    kw.setdefault("out", world["out"] / "m.safetensors")
+    if "base" not in kw and case not in ("no-base",) and kw["method"] in ("ties", "task-arithmetic", "dare"):
+        kw["base"] = str(world["base"])
+    with pytest.raises(error, match=message):
+        merge_checkpoints(kw.pop("method"), kw.pop("checkpoints"), chunk_bytes=64, **kw)
+    assert os.listdir(world["out"]) == []
+    assert sorted(os.listdir(world["src"])) == before_inputs  # nothing written beside the inputs either
+
+
+def test_a_merge_can_be_merged_again(world):
+    first = world["out"] / "first.safetensors"
+    merge_checkpoints("uniform", world["ckpts"][:2], first)
+    second = world["out"] / "second.safetensors"
+    merge_checkpoints("weighted", [first, world["ckpts"][2]], second, weights=[2, 1])
+    got, m = load_checkpoint(second)
+    a, b, c = (load_checkpoint(p)[0] for p in world["ckpts"])
+    torch.testing.assert_close(got["out_bias"], (a["out_bias"] + b["out_bias"] + c["out_bias"]) / 3)
+    assert m.merge["ingredients"][0] == file_sha256(first)
+
+
+def test_half_precision_inputs_merge_in_float32_and_keep_their_dtype(world):
+    paths = []
+    for i in range(2):
+        paths.append(world["src"] / f"h{i}.safetensors")
+        make_checkpoint(paths[-1], i, state={k: v.bfloat16() for k, v in tiny_state(i).items()})
+    out = world["out"] / "m.safetensors"
+    merge_checkpoints("weighted", paths, out, weights=[1, 3])
+    got, _ = load_checkpoint(out)
+    a, b = (load_checkpoint(p)[0] for p in paths)
+    assert got["head.weight"].dtype == torch.bfloat16
+    expected = ((a["head.weight"].float() + 3 * b["head.weight"].float()) / 4).bfloat16()
+    assert torch.equal(got["head.weight"], expected)
+
