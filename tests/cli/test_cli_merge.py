@@ -1,0 +1,148 @@
+"""`recmerge merge` on tiny checkpoints: results equal the library's, options and files are passed
+through, errors are one line with no traceback and no output, and the dataset-backed paths (greedy-soup,
+--evaluate, --finetune-epochs) run against a small planted dataset."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from app.cli import main
+from merging.merge import build_method, merge_state_dicts
+from models.checkpoint import file_sha256, load_checkpoint, read_metadata
+from models.config import BackboneConfig
+from tests.merging.factory import make_checkpoint, make_fisher
+from tests.synthetic import make_planted_dataset
+
+
+def run_cli(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture
+def files(tmp_path):
+    ckpts = [tmp_path / f"c{i}.safetensors" for i in range(2)]
+    for i, c in enumerate(ckpts):
+        make_checkpoint(c, seed=i)
+    fishers = [tmp_path / f"f{i}.safetensors" for i in range(2)]
+    for i, (f, c) in enumerate(zip(fishers, ckpts)):
+        make_fisher(f, c, seed=i)
+    base = tmp_path / "base.safetensors"
+    make_checkpoint(base, seed=9)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    return ckpts, fishers, base, out_dir
+
+
+def test_weighted_merge_from_the_command_line_equals_the_library(files, capsys):
+    ckpts, _, _, out_dir = files
+    out = out_dir / "m.safetensors"
+    rc, stdout, err = run_cli(capsys, "merge", "--method", "weighted", *ckpts, "--weights", "1", "3", "--out", out)
+    assert rc == 0, err
+    assert f"{out}: weighted merge of 2 checkpoints, sha256 {file_sha256(out)}" in stdout
+    got, meta = load_checkpoint(out)
+    expected = merge_state_dicts(build_method("weighted", 2, None, [1, 3]), [load_checkpoint(c)[0] for c in ckpts])
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert meta.merge["weights"] == [1.0, 3.0]
+
+
+def test_fisher_and_ties_options_reach_the_method(files, capsys):
+    ckpts, fishers, base, out_dir = files
+    out = out_dir / "f.safetensors"
+    rc, _, err = run_cli(capsys, "merge", "--method", "fisher", *ckpts, "--fisher", *fishers,
+                         "--option", "normalize=true", "--option", "epsilon=1e-9", "--out", out)
+    assert rc == 0, err
+    assert read_metadata(out).merge["options"] == {"normalize": True, "epsilon": 1e-9}
+    out = out_dir / "t.safetensors"
+    rc, _, err = run_cli(capsys, "merge", "--method", "ties", *ckpts, "--base", base, "--option", "density=0.5",
+                         "--option", "alpha=0.5", "--out", out)
+    assert rc == 0, err
+    m = read_metadata(out).merge
+    assert m["options"] == {"alpha": 0.5, "density": 0.5} and m["base"] == file_sha256(base)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "soup"], "unknown merge method 'soup'; known: uniform, weighted, fisher, greedy-soup, "
+                           "task-arithmetic, ties, dare"),
+    (["--method", "ties", "--option", "density"], "--option 'density': expected KEY=VALUE"),
+    (["--method", "ties", "--option", "density=2"], "option 'density': Input should be less than or equal to 1"),
+    (["--method", "uniform", "--weights", "1", "2"], "uniform: takes no per-model weights"),
+    (["--method", "weighted", "--weights", "-1", "2"], "model 1 option 'weight'"),
+    (["--method", "uniform", "--evaluate"], "--evaluate needs --data"),
+    (["--method", "task-arithmetic"], "needs a base checkpoint"),
+])
+def test_errors_are_one_line_without_traceback_or_output(files, capsys, extra, message):
+    ckpts, _, _, out_dir = files
+    rc, _, err = run_cli(capsys, "merge", *ckpts, *extra, "--out", out_dir / "m.safetensors")
+    assert rc == 2
+    assert err.startswith("recmerge merge: error: ") and message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert os.listdir(out_dir) == []
+
+
+def test_incompatible_checkpoints_are_refused(files, capsys, tmp_path):
+    ckpts, _, _, out_dir = files
+    other = tmp_path / "other.safetensors"
+    make_checkpoint(other, 3, fingerprint="ee" * 32)
+    rc, _, err = run_cli(capsys, "merge", "--method", "uniform", ckpts[0], other, "--out", out_dir / "m.safetensors")
+    assert rc == 2 and "dataset_fingerprint eeee" in err
+    assert os.listdir(out_dir) == []
+
+
+# ---- with a dataset -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli_merge")
+    ds = make_planted_dataset(tmp, n_users=60, n_items=30, seed=3)
+    cfg = BackboneConfig(n_items=ds.n_items, hidden=16, layers=1, heads=2, inner=32, max_len=12)
+    ckpts = [tmp / f"p{i}.safetensors" for i in range(3)]
+    for i, c in enumerate(ckpts):
+        make_checkpoint(c, seed=i, cfg=cfg, fingerprint=ds.fingerprint)
+    return ds, ckpts, tmp
+
+
+def test_greedy_soup_with_evaluation_prints_the_merge_beside_its_ingredients(planted, capsys, tmp_path):
+    from models.evaluate import evaluate, load_for_dataset
+
+    ds, ckpts, _ = planted
+    out = tmp_path / "soup.safetensors"
+    rc, stdout, err = run_cli(capsys, "merge", "--method", "greedy-soup", *ckpts, "--data", ds.path, "--evaluate",
+                              "--out", out)
+    assert rc == 0, err
+    sel = read_metadata(out).merge["selection"]
+    for i, c in enumerate(ckpts):  # the ranking score is each ingredient's validation NDCG@10
+        model, _ = load_for_dataset(c, ds)
+        assert sel["individual"][i] == pytest.approx(evaluate(model, ds, "valid", ("full",))["full"]["ndcg@10"])
+    assert "greedy-soup kept" in stdout
+    table = stdout[stdout.index("model "):].splitlines()
+    assert [line.split()[0] for line in table[1:]] == [c.name for c in ckpts] + ["merged"]
+    assert len(table[1].split()) == 6  # name + valid ndcg/hr + test ndcg/hr/mrr
+
+
+def test_merge_then_finetune_keeps_the_raw_merge_and_its_provenance(planted, capsys, tmp_path):
+    ds, ckpts, _ = planted
+    out = tmp_path / "ft.safetensors"
+    rc, _, err = run_cli(capsys, "merge", "--method", "uniform", *ckpts[:2], "--data", ds.path,
+                         "--finetune-epochs", "1", "--out", out)
+    assert rc == 0, err
+    raw = tmp_path / "ft.raw.safetensors"
+    meta = read_metadata(out)
+    assert meta.merge["method"] == "uniform"
+    assert meta.merge["finetune"] == {"recipe": "bert4rec", "epochs": 1, "from_sha256": file_sha256(raw)}
+    with safe_open(str(out), "pt") as f, safe_open(str(raw), "pt") as g:
+        assert not torch.equal(f.get_tensor("head.weight"), g.get_tensor("head.weight"))  # it trained
+    assert json.loads(meta.extra["train"])["epochs_run"] == 1
+
+
+def test_a_dataset_the_checkpoints_were_not_trained_on_is_refused(planted, capsys, files):
+    ds, _, _ = planted
+    ckpts, _, _, out_dir = files  # these carry another fingerprint
+    rc, _, err = run_cli(capsys, "merge", "--method", "uniform", *ckpts, "--data", ds.path, "--evaluate",
+                         "--out", out_dir / "m.safetensors")
+    assert rc == 2 and "trained on dataset fingerprint" in err
+    assert os.listdir(out_dir) == []
