@@ -113,12 +113,12 @@ def sample_negatives(touched: Sequence[np.ndarray], n_items: int, n: int = N_NEG
     Exponential race (Efraimidis-Spirakis): the n smallest E_i / w_i with E_i ~ Exp(1) are a draw
     without replacement ∝ w, so a whole chunk of users is sampled with one top-k.
     """
-    w = torch.ones(n_items + 1, dtype=torch.float64) if weights is None else \
-        torch.as_tensor(np.asarray(weights, dtype=np.float64)).clone()
-    if w.shape != (n_items + 1,) or not torch.isfinite(w).all() or (w < 0).any():
+    w = np.ones(n_items + 1) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (n_items + 1,) or not np.isfinite(w).all() or (w < 0).any():
         raise DataError(f"sampling weights must be {n_items + 1} finite non-negative numbers")
+    w = torch.from_numpy(w.astype(np.float32))
     w[0] = 0.0  # padding is never an item
-    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
     k = min(n, n_items)
     out = np.zeros((len(touched), n), dtype=np.int64)
     for start in range(0, len(touched), _SAMPLE_CHUNK):
@@ -127,8 +127,8 @@ def sample_negatives(touched: Sequence[np.ndarray], n_items: int, n: int = N_NEG
         ww = w.expand(B, -1).clone()  # (B, n_items+1)
         rr, cc = _row_cols(rows)
         ww[rr, cc] = 0.0
-        e = torch.empty(B, n_items + 1, dtype=torch.float64).exponential_(generator=g)
-        keys = torch.where(ww > 0, e / ww, torch.inf)
+        keys = torch.from_numpy(rng.standard_exponential((B, n_items + 1), dtype=np.float32)).div_(ww)
+        keys.masked_fill_(ww == 0, torch.inf)  # ineligible: never among the k smallest finite keys
         kv, ki = torch.topk(keys, k, dim=1, largest=False)  # (B, k)
         ki[torch.isinf(kv)] = 0
         out[start : start + B, :k] = ki.numpy()
@@ -137,10 +137,10 @@ def sample_negatives(touched: Sequence[np.ndarray], n_items: int, n: int = N_NEG
 
 def _row_cols(rows: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column indices that mark each row's items in a (len(rows), n_items+1) matrix."""
-    lens = torch.tensor([len(r) for r in rows], dtype=torch.long)
-    cols = np.concatenate([np.asarray(r, dtype=np.int64) for r in rows]) if int(lens.sum()) else \
+    lens = [len(r) for r in rows]
+    cols = np.concatenate([np.asarray(r, dtype=np.int64).reshape(-1) for r in rows]) if sum(lens) else \
         np.zeros(0, dtype=np.int64)
-    return torch.repeat_interleave(torch.arange(len(rows)), lens), torch.from_numpy(cols)
+    return torch.from_numpy(np.repeat(np.arange(len(rows)), lens)), torch.from_numpy(cols)
 
 
 def protocol_seed(seed: int, protocol: str) -> int:
@@ -241,13 +241,11 @@ def user_ranks(scorer, data: EvalData, protocols: Sequence[str] = PROTOCOLS, see
     protocols = check_protocols(protocols)
     score, cap, dev = as_scorer(scorer, device)
     negatives = {p: torch.from_numpy(negatives_for(data, p, seed).copy()) for p in protocols if p in SAMPLED}
-    top = torch.zeros(data.n_items, dtype=torch.bool)
-    top[torch.from_numpy(top_popular(data.popularity)) - 1] = True
-    top = top.to(dev)
+    top_cols = torch.from_numpy(top_popular(data.popularity) - 1).to(dev)  # (100,) columns of the top items
     U, N = len(data.targets), data.n_items
     ranks = {p: np.empty(U, dtype=np.float64) for p in protocols}
     n_batches = -(-U // batch_size)
-    with torch.no_grad(), model_mode(scorer):
+    with torch.inference_mode(), model_mode(scorer):
         for b, (idx, tokens) in enumerate(padded_batches(data.inputs, batch_size, cap)):
             scores = score(tokens.to(dev))  # (B, N)
             if tuple(scores.shape) != (len(idx), N):
@@ -255,6 +253,7 @@ def user_ranks(scorer, data: EvalData, protocols: Sequence[str] = PROTOCOLS, see
                                         f"expected ({len(idx)}, {N}) for a dataset of {N} items")
             tcol = torch.from_numpy(data.targets[idx] - 1).to(dev)  # (B,)
             rows = torch.arange(len(idx), device=dev)
+            first = torch.zeros_like(tcol)  # sampled candidate lists put the target in column 0
             unseen = None
             if "full" in protocols or "top-popular100" in protocols:
                 unseen = ~history_mask([data.inputs[i] for i in idx], N, dev)  # (B, N)
@@ -263,13 +262,16 @@ def user_ranks(scorer, data: EvalData, protocols: Sequence[str] = PROTOCOLS, see
                 if p == "full":
                     r = rank_of_target(scores, tcol, unseen)
                 elif p == "top-popular100":
-                    r = rank_of_target(scores, tcol, unseen & top[None])
+                    # Target first, then the top items other than the target; a target outside them is a miss.
+                    is_target = top_cols[None] == tcol[:, None]  # (B, 100)
+                    cand_scores = torch.cat([scores.gather(1, tcol[:, None]), scores[:, top_cols]], dim=1)
+                    cand = torch.cat([is_target.any(1, keepdim=True), unseen[:, top_cols] & ~is_target], dim=1)
+                    r = rank_of_target(cand_scores, first, cand)
                 else:
                     neg = negatives[p][torch.from_numpy(idx)].to(dev)  # (B, 100), 0 = empty slot
                     cand = torch.cat([tcol[:, None] + 1, neg], dim=1)  # (B, 101) item ids, target first
                     cand_scores = scores.gather(1, (cand - 1).clamp(min=0))
-                    zero = torch.zeros_like(tcol)
-                    r = rank_of_target(cand_scores, zero, cand > 0)
+                    r = rank_of_target(cand_scores, first, cand > 0)
                 ranks[p][idx] = r.cpu().numpy()
             if progress is not None:
                 progress("evaluate", (b + 1) / n_batches)

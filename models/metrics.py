@@ -22,7 +22,9 @@ def rank_of_target(scores: torch.Tensor, target_col: torch.Tensor,
     r = #other candidates with score >= the target's score. A target whose own column is not a
     candidate is a miss: r = inf. NaN scores count as -inf, so a NaN model can never look good.
     """
-    s = torch.nan_to_num(scores.float(), nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
+    s = scores.float()
+    if torch.isnan(s).any():  # checked first: copying a (B, n_items) matrix per batch is not free
+        s = torch.nan_to_num(s, nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
     col = target_col.long()[:, None]  # (B, 1)
     t = s.gather(1, col)  # (B, 1)
     at_least = s >= t  # (B, C); includes the target itself
