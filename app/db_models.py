@@ -9,7 +9,19 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 MODEL_KINDS = ("recipe", "merged")
@@ -29,7 +41,14 @@ class Base(DeclarativeBase):
     pass
 
 
-Timestamp = DateTime(timezone=True)
+class Timestamp(TypeDecorator):
+    """A timezone-aware UTC datetime on every backend: SQLite stores no zone and hands back naive values."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value, dialect):
+        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
 
 class Dataset(Base):

@@ -48,7 +48,7 @@ async def create_dataset(request: Request, response: Response, session: SessionD
             fields = _validated(DatasetUpload, {k: v for k, v in form.multi_items() if isinstance(v, str)})
 
             def prepare():
-                with saved_upload(file.file, file.filename, settings.tmp_dir, settings.MAX_UPLOAD_BYTES) as up:
+                with saved_upload(file.file, file.filename, settings.tmp_dir) as up:
                     return datasets.create_from_upload(session, store, settings.tmp_dir, up, fields)
 
             row, created = await run_in_threadpool(prepare)

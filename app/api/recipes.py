@@ -26,7 +26,7 @@ def upload_recipe(
 ):
     """Register a checkpoint trained elsewhere. It is checked completely (format, metadata, dataset
     fingerprint, tensor names and shapes, finite weights) before anything is stored."""
-    with saved_upload(file.file, file.filename, settings.tmp_dir, settings.MAX_UPLOAD_BYTES) as up:
+    with saved_upload(file.file, file.filename, settings.tmp_dir) as up:
         row, created = recipes.register_upload(session, store, up, name, dataset_id, recipe)
     if not created:
         response.status_code = 200

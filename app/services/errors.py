@@ -29,10 +29,6 @@ class Conflict(ServiceError):
     status = 409
 
 
-class TooLarge(ServiceError):
-    status = 413
-
-
 class Unprocessable(ServiceError):
     """Well-formed but unusable: wrong shapes, NaN weights, another dataset's fingerprint."""
 

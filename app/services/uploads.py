@@ -1,5 +1,6 @@
-"""Uploaded files: copied from the request's spool into our scratch directory in chunks, size-checked,
-hashed on the way; and library error messages scrubbed of the scratch paths before a client sees them."""
+"""Uploaded files: copied from the request's spool into our scratch directory in chunks and hashed on
+the way (the size limit is enforced earlier, on the request body, by app.main.BodyLimit); and library
+error messages scrubbed of the scratch paths before a client sees them."""
 
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
-
-from app.services.errors import TooLarge
 
 CHUNK = 1 << 20
 
@@ -37,7 +36,7 @@ def safe_filename(name: str | None, default: str = "upload") -> str:
 
 
 @contextmanager
-def saved_upload(src: BinaryIO, filename: str | None, tmp_root: Path, limit: int) -> Iterator[SavedUpload]:
+def saved_upload(src: BinaryIO, filename: str | None, tmp_root: Path) -> Iterator[SavedUpload]:
     """Copy `src` to a private scratch directory; everything is removed when the block ends."""
     tmp_root.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="upload-", dir=tmp_root))
@@ -48,8 +47,6 @@ def saved_upload(src: BinaryIO, filename: str | None, tmp_root: Path, limit: int
         with open(dst, "wb") as out:
             while chunk := src.read(CHUNK):
                 size += len(chunk)
-                if size > limit:
-                    raise TooLarge(f"{name}: larger than the upload limit of {limit} bytes")
                 h.update(chunk)
                 out.write(chunk)
         yield SavedUpload(dst, name, h.hexdigest(), size)
