@@ -234,6 +234,7 @@ class S3Store:
         if not self.has_dir(key):
             raise KeyError(key)
         base = self._key("dirs", key) + "/"
+        self.cache.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.cache))
         try:
             for obj in self._list(base):

@@ -130,8 +130,11 @@ def redis_url(redis_server) -> str:
 @pytest.fixture
 def s3_endpoint(monkeypatch):
     """An S3-compatible server on loopback with a bucket `recmerge-test`; AWS_* set to dummy values."""
-    from moto.server import ThreadedMotoServer
-
+    try:
+        import flask  # noqa: F401  (moto's server mode needs the moto[server] extra)
+        from moto.server import ThreadedMotoServer
+    except ImportError as e:
+        missing_service(f"moto's S3 server ({e})")
     for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(key, value)
