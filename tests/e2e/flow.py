@@ -53,14 +53,15 @@ def train_job(client: httpx.Client, dataset_id: str, name: str, **kw) -> str:
     return done["result"]["model_id"]
 
 
-def upload_recipe(client: httpx.Client, local_ds, tmp: Path, dataset_id: str) -> str:
+def upload_recipe(client: httpx.Client, local_ds, tmp: Path, dataset_id: str, name: str = "elsewhere",
+                  seed: int = 7) -> str:
     from models.train import TrainConfig, train
 
-    cfg = TrainConfig(**{**TINY, "epochs": 1}, seed=7, options={"mask_prob": 0.3})
-    out = train(local_ds, cfg, tmp / "elsewhere.safetensors")
+    cfg = TrainConfig(**{**TINY, "epochs": 1}, seed=seed, options={"mask_prob": 0.3})
+    out = train(local_ds, cfg, tmp / f"{name}.safetensors")
     with open(out.checkpoint, "rb") as f:
-        row = ok(client.post("/recipes", files={"file": ("elsewhere.safetensors", f)},
-                             data={"name": "elsewhere", "dataset_id": dataset_id}), 201)
+        row = ok(client.post("/recipes", files={"file": (f"{name}.safetensors", f)},
+                             data={"name": name, "dataset_id": dataset_id}), 201)
     assert row["sha256"] == out.sha256 and row["kind"] == "recipe"
     return row["id"]
 
