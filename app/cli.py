@@ -8,28 +8,39 @@ import importlib
 import sys
 
 # Explicit registration: a command exists because it is listed here, not because a module was imported.
-COMMANDS = ["data", "train", "evaluate", "recommend", "compare", "fisher", "merge", "plot", "serve", "db"]
+COMMANDS = {
+    "data": "prepare datasets",
+    "train": "train a recommender with a recipe",
+    "evaluate": "evaluate a checkpoint on a prepared dataset",
+    "recommend": "top-k recommendations for a user of the dataset",
+    "compare": "error inconsistency between two checkpoints",
+    "fisher": "estimate the diagonal Fisher of a checkpoint",
+    "merge": "merge checkpoints",
+    "plot": "draw the thesis's figures from logs and models",
+    "serve": "run the REST API",
+    "db": "database schema",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recmerge", description=__doc__.split("\n")[0])
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """Only the chosen command's module is imported (torch takes seconds to import); the others
+    appear in --help by name."""
+    parser = argparse.ArgumentParser(prog="recmerge", description="Train, merge and serve sequential recommenders.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"app.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"app.commands.{name}":
-                raise
-            continue  # a command whose module is not written yet is simply not offered
-        module.register(sub)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, text in COMMANDS.items():
+        if name == chosen:
+            importlib.import_module(f"app.commands.{name}").register(sub)
+        else:
+            sub.add_parser(name, help=text)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from models.errors import RecmergeError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         rc = args.func(args)
     except RecmergeError as e:

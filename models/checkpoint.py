@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from models.config import BackboneConfig
 from models.errors import CheckpointError
@@ -126,15 +126,46 @@ def read_metadata(path: str | os.PathLike) -> CheckpointMeta:
     return parse_metadata(read_raw_metadata(path), where=str(path))
 
 
+DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def safetensors_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length + JSON header for tensors laid out in `entries` order.
+
+    We write headers ourselves because the safetensors library serialises metadata from a hash map, in an
+    order that changes between processes: the same model would get a different sha256 on every save.
+    """
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    off = 0
+    for name, dtype, shape in entries:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [off, off + nbytes]}
+        off += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # tensor data starts 8-aligned, as the format recommends
+    return struct.pack("<Q", len(blob)) + blob
+
+
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """Write to a temporary file in the target directory, fsync, rename: readers never see half a file."""
+    """Write to a temporary file in the target directory, fsync, rename: readers never see half a file.
+    Tensors go in name order, so equal content always gives equal bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    names = sorted(tensors)
+    entries = [(n, tensors[n].dtype, tuple(tensors[n].shape)) for n in names]
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
+        with os.fdopen(fd, "wb") as f:
+            f.write(safetensors_header(entries, metadata))
+            for n in names:
+                f.write(memoryview(tensors[n].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -203,14 +203,16 @@ def train(ds, cfg: TrainConfig, out: str | Path, progress: Progress | None = Non
 
     _, best_epoch, best_state, best_valid = best
     seconds = time.perf_counter() - t_start
-    summary = {"best_epoch": best_epoch, "epochs_run": len(history), "seconds": round(seconds, 2),
-               "valid": best_valid, "config": asdict(cfg)}
+    # No timings in the checkpoint: the same seed and data must give the same bytes (the store dedupes
+    # by sha256, and a re-run job must reproduce its artifact); timings live in the log beside it.
+    summary = {"best_epoch": best_epoch, "epochs_run": len(history), "valid": best_valid, "config": asdict(cfg)}
     meta = CheckpointMeta(backbone=bcfg, recipe=recipe.to_json(), dataset_fingerprint=ds.fingerprint,
                           n_items=ds.n_items, created_by=CREATED_BY,
                           extra={"train": json.dumps(summary, sort_keys=True)})
     sha = save_checkpoint(out, best_state, meta)
     log_path = out.with_name(out.name.removesuffix(".safetensors") + ".log.json")
-    log_path.write_text(json.dumps({"summary": summary, "epochs": history}, indent=1))
+    log_path.write_text(json.dumps({"summary": {**summary, "seconds": round(seconds, 2)}, "epochs": history},
+                                   indent=1))
     return TrainResult(out, sha, best_epoch, best_valid, history, seconds, log_path)
 
 
