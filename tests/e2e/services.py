@@ -1,16 +1,13 @@
-"""Real services for end-to-end tests: a fresh PostgreSQL database per test, Redis (the machine's, in an
-empty database number, or a private redis-server on a free port), and the API / worker processes
-started with the commands of docker-compose.yml.
-
-A missing service skips the test, or fails it when RECMERGE_REQUIRE_SERVICES=1 (CI).
+"""Processes for end-to-end tests: the API and Celery workers started with the commands of
+docker-compose.yml, and the machine's Redis (in an empty database number). A fresh PostgreSQL database
+and a private redis-server come from tests/conftest_services.py. A missing service skips the test, or
+fails it when RECMERGE_REQUIRE_SERVICES=1 (CI).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,47 +16,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import pytest
 
+from tests.conftest_services import free_port_number, missing_service
 from tests.e2e.compose import ROOT, command
 
-PG_ADMIN = os.environ.get("RECMERGE_TEST_PG", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 BIN = Path(sys.executable).parent
 TOKEN = "e2e-token"
-
-
-def missing(what: str):
-    if os.environ.get("RECMERGE_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"{what} (RECMERGE_REQUIRE_SERVICES=1)")
-    pytest.skip(what)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def postgres_database():
-    """A database of its own, dropped afterwards; yields its SQLAlchemy URL."""
-    from sqlalchemy import create_engine, text
-
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    name = f"recmerge_e2e_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as c:
-            c.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as e:
-        admin.dispose()
-        missing(f"PostgreSQL at {PG_ADMIN} is not usable: {type(e).__name__}: {str(e).splitlines()[0]}")
-    try:
-        yield PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @contextmanager
@@ -74,50 +37,13 @@ def machine_redis():
                 r.set("recmerge:e2e:claimed", "1")  # claim it before another test picks it too
                 break
         else:
-            missing("Redis on 6379 has no empty database number")
+            missing_service("Redis on 6379 has no empty database number")
     except redis.RedisError as e:
-        missing(f"Redis on {REDIS_HOST}:{REDIS_PORT} is not reachable: {e}")
+        missing_service(f"Redis on {REDIS_HOST}:{REDIS_PORT} is not reachable: {e}")
     try:
         yield f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}"
     finally:
         r.flushdb()
-
-
-class OwnRedis:
-    """A private redis-server without persistence: a restart loses every queued message."""
-
-    def __init__(self, workdir: Path):
-        self.exe = shutil.which("redis-server")
-        if self.exe is None:
-            missing("redis-server is not installed")
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self):
-        self.proc = subprocess.Popen([self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.workdir)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: _redis_ping(self.port), 10, "redis-server to answer")
-
-    def stop(self):
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-
-def _redis_ping(port: int) -> bool:
-    import redis
-
-    try:
-        return redis.Redis("127.0.0.1", port, socket_timeout=1).ping()
-    except redis.RedisError:
-        return False
 
 
 def wait_for(check, timeout: float, what: str, every: float = 0.1):
@@ -180,7 +106,7 @@ def migrate(env: dict, log: Path) -> None:
 
 
 def start_api(env: dict, tmp: Path) -> tuple[Proc, httpx.Client]:
-    port = free_port()
+    port = free_port_number()
     proc = Proc("api", command("api", port), env, tmp / "api.log")
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30,
                           headers={"Authorization": f"Bearer {TOKEN}"})

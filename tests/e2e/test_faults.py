@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest_services import RedisServer
 from tests.e2e.flow import TINY, ok, upload_dataset, upload_recipe, wait_job
-from tests.e2e.services import OwnRedis, migrate, postgres_database, service_env, start_api, start_worker, wait_for
+from tests.e2e.services import migrate, service_env, start_api, start_worker, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 
@@ -27,17 +28,15 @@ def _store_is_clean(data_dir: Path) -> list[str]:
 
 
 @pytest.fixture
-def services(tmp_path):
+def services(tmp_path, postgres_url):
     """(env, redis) for a fresh database and a private redis-server; processes are the test's own."""
-    redis = OwnRedis(tmp_path)
-    with postgres_database() as db:
-        redis.start()
-        env = service_env(tmp_path, db, redis.url)
-        migrate(env, tmp_path / "migrate.log")
-        try:
-            yield env, redis
-        finally:
-            redis.stop()
+    redis = RedisServer(tmp_path / "redis").start()
+    env = service_env(tmp_path, postgres_url, redis.url)
+    migrate(env, tmp_path / "migrate.log")
+    try:
+        yield env, redis
+    finally:
+        redis.stop()
 
 
 def test_worker_killed_mid_merge_job_is_finished_by_another_once(services, tmp_path):
@@ -92,8 +91,7 @@ def test_job_queued_across_a_redis_restart_is_sent_again(services, tmp_path):
 
         r = redis_client.Redis.from_url(redis.url)
         assert r.llen("gpu") == 1  # the message waits in Redis: no worker runs yet
-        redis.stop()
-        redis.start()  # no persistence: the queue is gone
+        redis.restart()  # no persistence: the queue is gone
         assert r.llen("gpu") == 0
         worker = start_worker(env, tmp_path)
         done = wait_job(client, path, timeout=45)

@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 
 from tests.e2e.flow import run_flow
-from tests.e2e.services import machine_redis, migrate, postgres_database, service_env, start_api, start_worker
+from tests.e2e.services import machine_redis, migrate, service_env, start_api, start_worker
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 
 
-def test_flow_with_celery_worker_on_postgres_and_redis(tmp_path):
-    with postgres_database() as db, machine_redis() as broker:
-        env = service_env(tmp_path, db, broker)
+def test_flow_with_celery_worker_on_postgres_and_redis(tmp_path, postgres_url):
+    with machine_redis() as broker:
+        env = service_env(tmp_path, postgres_url, broker)
         migrate(env, tmp_path / "migrate.log")
         worker = start_worker(env, tmp_path)
         api, client = start_api(env, tmp_path)

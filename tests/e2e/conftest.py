@@ -1,0 +1,1 @@
+from tests.conftest_services import postgres_url  # noqa: F401
