@@ -20,7 +20,7 @@ from app.db import make_engine, make_sessionmaker
 from app.metrics import Metrics, MetricsMiddleware
 from app.migrate import upgrade
 from app.services.errors import ServiceError
-from app.serving import Recommender, set_torch_threads
+from app.serving import Recommender
 from app.settings import Settings, get_settings
 from app.store import store_from_settings
 from models.errors import RecmergeError
@@ -88,7 +88,6 @@ def create_app(settings: Settings | None = None, *, jobs: bool = True) -> FastAP
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        set_torch_threads(settings.torch_threads())
         app.state.background = _start_jobs(settings) if jobs else None
         try:
             yield

@@ -84,13 +84,13 @@ class MicroBatcher:
     """
 
     def __init__(self, run: Callable[[list], list], max_batch: int = 32, max_wait_s: float = 0.002,
-                 observe: Callable[[int, float], None] | None = None):
+                 observe: Callable[[int, float], None] | None = None, thread_init: Callable[[], None] | None = None):
         self.run = run
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.observe = observe or (lambda size, seconds: None)
         self.in_flight = 0  # requests between `reserve` and their answer
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="recommend")
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="recommend", initializer=thread_init)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
 
@@ -192,7 +192,9 @@ class Recommender:
             metrics.batch_size.observe(size)
             metrics.batch_seconds.observe(seconds)
 
-        self.batcher = MicroBatcher(self.run_batch, settings.BATCH_MAX, settings.BATCH_WAIT_MS / 1000, observe)
+        threads = settings.torch_threads()
+        self.batcher = MicroBatcher(self.run_batch, settings.BATCH_MAX, settings.BATCH_WAIT_MS / 1000, observe,
+                                    thread_init=lambda: torch.set_num_threads(threads))
 
     # --- finding a model -------------------------------------------------------------------------
     def _resolve(self, ref: str) -> str:
@@ -282,9 +284,3 @@ class Recommender:
 
     def close(self) -> None:
         self.batcher.close()
-
-
-def set_torch_threads(n: int) -> None:
-    # The event loop needs a core of its own; the forward pass gets the rest.
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)

@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     # Serving: how long the micro-batcher waits for company, and how large a batch may grow.
     BATCH_WAIT_MS: float = 2.0
     BATCH_MAX: int = 32
-    TORCH_THREADS: int = 0  # 0 = half the cores (the other half serves HTTP), at least 1
+    TORCH_THREADS: int = 0  # forward-pass threads; 0 = half the cores (the event loop needs the rest), >= 1
     ALIAS_TTL_S: float = 1.0  # how stale another process's alias switch may look to this one
 
     @model_validator(mode="after")

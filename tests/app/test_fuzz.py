@@ -37,7 +37,7 @@ def fuzz_app(tmp_path_factory):
 
 def fuzz(op, mode: GenerationMode, failures: list[str]) -> None:
     @given(case=op.as_strategy(generation_mode=mode))
-    @settings(max_examples=12, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=10, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
     def no_5xx(case):
         response = case.call()
