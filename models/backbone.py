@@ -19,15 +19,20 @@ class SelfAttention(nn.Module):
         self.heads = cfg.heads
         self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
         self.proj = nn.Linear(cfg.hidden, cfg.hidden)
-        self.dropout = cfg.dropout
 
-    def forward(self, x, mask):  # x (B, T, D), mask (B, 1, T|1, T) bool, True = may attend
+    def forward(self, x, mask, last_only=False):  # x (B, T, D), mask (B, 1, T|1, T) bool, True = may attend
         B, T, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=2)
-        q, k, v = (t.view(B, T, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))  # (B, H, T, d)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+        if last_only:  # one query (the final position) against every key
+            q, mask = q[:, -1:], mask[:, :, -1:]
+        Tq = q.shape[1]
+        q = q.view(B, Tq, self.heads, D // self.heads).transpose(1, 2)  # (B, H, Tq, d)
+        k, v = (t.view(B, T, self.heads, D // self.heads).transpose(1, 2) for t in (k, v))  # (B, H, T, d)
+        # No dropout on the attention probabilities: on CPU it forces the unfused attention path and a
+        # (B, H, T, T) random mask, which made a training step 1.5-2x slower; dropout stays on the
+        # embeddings and on each sub-layer's output.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, Tq, D))
 
 
 class FeedForward(nn.Module):
@@ -51,8 +56,9 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.hidden)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask):
-        x = self.ln1(x + self.drop(self.attn(x, mask)))
+    def forward(self, x, mask, last_only=False):
+        a = self.attn(x, mask, last_only)
+        x = self.ln1((x[:, -1:] if last_only else x) + self.drop(a))
         return self.ln2(x + self.drop(self.ffn(x)))
 
 
@@ -98,7 +104,9 @@ class SeqRecModel(nn.Module):
         mask |= torch.eye(T, dtype=torch.bool, device=tokens.device)[None]
         return mask[:, None]
 
-    def encode(self, tokens):  # (B, T) left-padded -> (B, T, D)
+    def encode(self, tokens, last_only=False):  # (B, T) left-padded -> (B, T, D), or (B, 1, D) if last_only
+        """last_only: only the final position's state, all a sequence representation (contrastive view)
+        needs; the last block then computes one query instead of T, about halving a 2-layer pass."""
         B, T = tokens.shape
         if T > self.cfg.max_len:
             raise ValueError(f"sequence width {T} exceeds max_len {self.cfg.max_len}")
@@ -106,8 +114,8 @@ class SeqRecModel(nn.Module):
         pos = torch.arange(self.cfg.max_len - T, self.cfg.max_len, device=tokens.device)
         x = self.emb_drop(self.emb_ln(self.item_emb(tokens) + self.pos_emb(pos)[None]))
         mask = self.attention_mask(tokens)
-        for block in self.blocks:
-            x = block(x, mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, last_only and i == len(self.blocks) - 1)
         return x
 
     def project(self, h):  # (..., D) -> (..., D): the output head before the tied item table
