@@ -7,11 +7,13 @@ Unknown fields are errors, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from merging.fisher import FisherSettings
+
+DEFAULT_FISHER = FisherSettings(sampling="model", n=8)
 
 EVAL_PROTOCOLS = ("full", "random100", "popular100", "top-popular100")
 
@@ -57,23 +59,9 @@ class TrainSpec(Spec):
         return self
 
 
-class FisherSettings(Spec):
-    sampling: Literal["exact", "random", "topk", "model", "target"] = "model"
-    n: int = Field(8, ge=1, le=100000, description="items per sequence (random, topk, model)")
-    computation: Literal["per-example", "batchwise"] = "per-example"
-    seed: int = 0
-    max_users: int | None = Field(None, ge=1, description="estimate on a seeded subset of users")
-
-    def cache_key(self, checkpoint_sha256: str, dataset_fingerprint: str) -> str:
-        """A Fisher is computed once per (checkpoint, dataset, settings)."""
-        blob = json.dumps({"ckpt": checkpoint_sha256, "data": dataset_fingerprint, **self.model_dump()},
-                          sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
-
-
 class FisherSpec(Spec):
     model_id: str
-    settings: FisherSettings = Field(default_factory=FisherSettings)
+    settings: FisherSettings = DEFAULT_FISHER
     parent: str | None = None  # the merge job waiting for this Fisher
 
 
@@ -90,7 +78,8 @@ class MergeSpec(Spec):
     weights: list[float] | None = None
     base_model_id: str | None = None
     options: dict = Field(default_factory=dict, description="the method's options")
-    fisher: FisherSettings | None = Field(None, description="how to estimate the Fishers (method fisher)")
+    fisher: FisherSettings | None = Field(None, description="how to estimate the Fishers (method fisher; "
+                                                            "default: sampling model, n 8)")
     finetune_epochs: int = Field(0, ge=0, le=100)
     evaluate: bool = True
     protocols: list[Literal[EVAL_PROTOCOLS]] = ["full"]  # type: ignore[valid-type]
@@ -103,7 +92,7 @@ class MergeSpec(Spec):
         if len(set(self.model_ids)) != len(self.model_ids):
             raise ValueError("model_ids lists a model twice")
         if self.method == "fisher" and self.fisher is None:
-            self.fisher = FisherSettings()
+            self.fisher = DEFAULT_FISHER
         if self.method != "fisher" and self.fisher is not None:
             raise ValueError(f"fisher settings given, but method {self.method!r} uses no Fisher")
         return self

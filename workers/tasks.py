@@ -131,18 +131,18 @@ def train(a: Attempt) -> Record:
 
 # fisher ----------------------------------------------------------------------------------------------
 def fisher(a: Attempt) -> Record:
-    from merging.fisher import estimate_fisher
+    from merging.fisher import cache_key, estimate_fisher
 
     spec = _spec(FisherSpec, a.payload)
     row, ckpt = a.res.model(spec.model_id)
     _, ds = a.res.dataset(row.dataset_id)
-    key = spec.settings.cache_key(row.sha256, ds.fingerprint)
+    key = cache_key(row.sha256, ds.fingerprint, spec.settings)
     with a.res.session() as s:
         cached = s.scalar(select(Fisher).where(Fisher.cache_key == key))
     if cached is not None and a.res.store.exists(cached.sha256):
         return lambda s: {"fisher_id": cached.id, "sha256": cached.sha256, "cached": True}
     out = a.workdir / "fisher.safetensors"
-    estimate_fisher(ckpt, ds, fisher_settings(spec.settings), out=out, progress=a.progress)
+    estimate_fisher(ckpt, ds, spec.settings, out=out, progress=a.progress, device=a.res.device)
     sha = a.res.store.put_file(out)
 
     def record(s: Session) -> dict:
@@ -159,12 +159,6 @@ def fisher(a: Attempt) -> Record:
         return {"fisher_id": found.id, "sha256": found.sha256, "cached": False}
 
     return record
-
-
-def fisher_settings(spec):
-    from merging.fisher import FisherSettings
-
-    return FisherSettings(**spec.model_dump())
 
 
 # evaluate --------------------------------------------------------------------------------------------
@@ -188,6 +182,7 @@ def evaluate(a: Attempt) -> Record:
 
 # merge -----------------------------------------------------------------------------------------------
 def merge(a: Attempt) -> Record:
+    from merging.fisher import cache_key
     from merging.merge import merge_checkpoints
     from models.checkpoint import load_model
 
@@ -200,7 +195,7 @@ def merge(a: Attempt) -> Record:
         fishers = []
         with a.res.session() as s:
             for row in rows:
-                key = spec.fisher.cache_key(row.sha256, ds.fingerprint)
+                key = cache_key(row.sha256, ds.fingerprint, spec.fisher)
                 f = s.scalar(select(Fisher).where(Fisher.cache_key == key))
                 if f is None:
                     raise RecmergeError(f"model {row.id}: its Fisher was not computed")

@@ -91,14 +91,19 @@ def _check_merge(session: Session, spec: MergeSpec) -> tuple[list[Model], Model 
 def submit_merge(session: Session, spec: MergeSpec, key: str | None = None) -> tuple[Job, list[tuple[str, str]]]:
     if (job := _existing(session, key)) is not None:
         return job, []
+    from merging.fisher import cache_key
+
     rows, _ = _check_merge(session, spec)
-    fingerprint = session.get(Dataset, rows[0].dataset_id).fingerprint
+    dataset = session.get(Dataset, rows[0].dataset_id)
+    fingerprint = dataset.fingerprint
+    if spec.fisher is not None and spec.fisher.n is not None and spec.fisher.n > dataset.n_items:
+        raise Unprocessable(f"fisher.n: {spec.fisher.n} items per sequence, but the dataset has {dataset.n_items}")
     parent_id = jobs.new_id()
     children: list[Job] = []
     if spec.method == "fisher":
         for m in rows:
-            cache_key = spec.fisher.cache_key(m.sha256, fingerprint)
-            if session.scalar(select(Fisher.id).where(Fisher.cache_key == cache_key)) is None:
+            fisher_key = cache_key(m.sha256, fingerprint, spec.fisher)
+            if session.scalar(select(Fisher.id).where(Fisher.cache_key == fisher_key)) is None:
                 children.append(jobs.create(session, "fisher", {"model_id": m.id, "parent": parent_id,
                                                                 "settings": spec.fisher.model_dump()}))
     if spec.evaluate:

@@ -14,7 +14,7 @@ from tests.synthetic import make_planted_dataset
 TINY = {"hidden": 16, "layers": 1, "heads": 1, "inner": 32, "max_len": 20, "batch_size": 64, "epochs": 2,
         "patience": 0}
 TERMINAL = ("succeeded", "failed", "cancelled")
-METHOD = "uniform"
+METHOD = "fisher"
 
 
 def ok(r: httpx.Response, status: int = 200) -> dict:

@@ -76,8 +76,12 @@ def test_train_job_refusals(svc, world, body, status, message):
     ({"method": "uniform", "model_ids": ["{a}", "{wide}"]}, 422, "has backbone hidden=32"),
     ({"method": "task-arithmetic", "model_ids": ["{a}", "{b}"]}, 422, "needs a base model"),
     ({"method": "uniform", "model_ids": ["{a}"], "base_model_id": "{b}"}, 422, "does not use a base model"),
-    ({"method": "uniform", "model_ids": ["{a}", "{b}"], "fisher": {"n": 4}}, 422, "uses no Fisher"),
+    ({"method": "uniform", "model_ids": ["{a}", "{b}"], "fisher": {"sampling": "target"}}, 422, "uses no Fisher"),
     ({"method": "fisher", "model_ids": ["{a}", "{b}"], "fisher": {"sampling": "all"}}, 422, "sampling"),
+    ({"method": "fisher", "model_ids": ["{a}", "{b}"], "fisher": {"sampling": "exact", "n": 3}}, 422,
+     "n applies to sampling random/topk/model only"),
+    ({"method": "fisher", "model_ids": ["{a}", "{b}"], "fisher": {"sampling": "topk", "n": 999}}, 422,
+     "fisher.n: 999 items per sequence, but the dataset has 30"),
     ({"method": "ties", "model_ids": ["{a}"], "base_model_id": "{b}", "options": {"density": 7}}, 422, "density"),
 ])
 def test_merge_job_refusals(svc, world, body, status, message):
@@ -104,7 +108,7 @@ def test_fisher_merge_fans_out_and_cancel_reaches_every_sub_job(svc, world):
     assert job["status"] == "queued" and job["progress"]["stage"] == "waiting"
     assert sorted(c["kind"] for c in job["children"]) == ["evaluate", "evaluate", "fisher", "fisher"]
     assert job["request"]["fisher"] == {"sampling": "topk", "n": 3, "computation": "per-example", "seed": 0,
-                                        "max_users": None}
+                                        "max_users": None, "batch_size": 64}
     assert "children" not in job["request"]
     r = svc.client.delete(f"/merge-jobs/{job['id']}", headers=svc.headers)
     assert r.status_code == 200, r.text
@@ -129,3 +133,8 @@ def test_idempotency_key_returns_the_first_job(svc, world):
     first = svc.client.post("/train-jobs", json={"dataset_id": world["d1"]}, headers=h).json()
     second = svc.client.post("/train-jobs", json={"dataset_id": world["d1"], "epochs": 3}, headers=h).json()
     assert first["id"] == second["id"] and svc.counts()["jobs"] == 1
+    merge = {"method": "fisher", "model_ids": [world["a"], world["b"]], "fisher": {"sampling": "topk", "n": 2}}
+    m1 = svc.client.post("/merge-jobs", json=merge, headers={**svc.headers, "Idempotency-Key": "m-1"})
+    m2 = svc.client.post("/merge-jobs", json=merge, headers={**svc.headers, "Idempotency-Key": "m-1"})
+    assert (m1.status_code, m2.status_code) == (202, 202) and m1.json()["id"] == m2.json()["id"]
+    assert svc.counts()["jobs"] == 1 + 1 + 4  # the train job, the merge job and its four sub-jobs
