@@ -69,7 +69,7 @@ def sequence_representations(model, histories: Sequence[np.ndarray], train_mode:
     return out
 
 
-def representation_metrics(model, ds, split: str = "test", max_users: int | None = 4096, seed: int = 0,
+def representation_metrics(model, ds, split: str = "test", max_users: int | None = 2048, seed: int = 0,
                            batch_size: int = 256) -> dict[str, float]:
     """{"item_uniformity", "seq_uniformity", "seq_alignment"} (see the module docstring)."""
     data = eval_data(ds, split)
