@@ -126,20 +126,6 @@ class SafetensorsReader:
         self.close()
 
 
-def global_l2_norm(reader: SafetensorsReader, chunk_bytes: int = 32 << 20, progress=None) -> float:
-    """sqrt(sum of squares) over every floating tensor of a file, streamed, accumulated in float64."""
-    total, done, size = 0.0, 0, sum(t.nbytes for t in reader.tensors.values()) or 1
-    for name, info in reader.tensors.items():
-        if info.dtype.is_floating_point:
-            for start, stop in row_blocks(info, chunk_bytes):
-                block = reader.read(name, start, stop)
-                total += float(torch.linalg.vector_norm(block, dtype=torch.float64)) ** 2
-                done += block.nbytes
-                if progress:
-                    progress(done / size)
-    return math.sqrt(total)
-
-
 def row_blocks(info: TensorInfo, chunk_bytes: int) -> list[tuple[int, int]]:
     """Row ranges of about chunk_bytes each (at least one row) that cover the tensor; 0-d is one block."""
     if not info.shape or info.shape[0] == 0:

@@ -55,9 +55,15 @@ class FisherWeighted(MergeMethod):
         for m, t in zip(mass[1:], x.tensors[1:]):
             num += m * t
             den += m
-        ok = (den > 0) & (den >= self.options.epsilon)
-        out = num / torch.where(ok, den, 1.0)
-        if not ok.all():
-            self.fallback_entries += int((~ok).sum())
-            out = torch.where(ok, out, weighted_average(x.tensors, lam))
+        floor = self.options.epsilon
+        out = num / den
+        # Σ λ F >= 0, so "below the floor, or zero" is one comparison.
+        low = den < floor if floor > 0 else den <= 0
+        if den.numel() and float(den.min()) <= max(floor, 0.0):
+            idx = low.nonzero(as_tuple=True)
+            self.fallback_entries += len(idx[0])
+            out[idx] = weighted_average([t[idx] for t in x.tensors], lam)
         return out
+
+    def describe(self):
+        return super().describe() | ({"fisher_norms": self.norms} if self.options.normalize else {})

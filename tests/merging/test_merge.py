@@ -63,7 +63,8 @@ def test_streamed_merge_equals_in_memory_merge_bit_for_bit(world, method, option
     got, got_meta = load_checkpoint(out)
     expected = merge_state_dicts(m, [load_checkpoint(c)[0] for c in world["ckpts"]],
                                  base=load_checkpoint(base)[0] if base else None,
-                                 fishers=[_fisher_dict(f) for f in fishers] if fishers else None)
+                                 fishers=[_fisher_dict(f) for f in fishers] if fishers else None,
+                                 fisher_norms=got_meta.merge.get("fisher_norms"))
     assert set(got) == set(expected)
     for k in expected:
         assert torch.equal(got[k], expected[k]), k
@@ -93,6 +94,9 @@ def test_output_opens_everywhere_and_records_its_provenance(world):
         assert json.loads(f.metadata()["merge"]) == merge
         assert set(f.keys()) == set(model.state_dict())
     assert res.bytes_read > 0 and res.stats == {"fallback_entries": 0}
+    for norm, f in zip(merge["fisher_norms"], world["fishers"]):  # streamed in blocks, float64-accurate
+        exact = sum(float(t.double().square().sum()) for t in _fisher_dict(f).values()) ** 0.5
+        assert norm == pytest.approx(exact, rel=1e-9)
 
 
 def test_task_vector_merge_records_the_base_and_differing_recipes(world, tmp_path):
