@@ -22,6 +22,11 @@ def register(sub) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, repeatable: normalize=true, epsilon=1e-8, alpha=0.5, density=0.2, "
                         "p=0.9, seed=1, combine=ties")
+    p.add_argument("--fisher-setting", action="append", default=[], metavar="KEY=VALUE",
+                   help="Fisher estimation setting when --fisher is omitted, repeatable (default sampling=exact; "
+                        "e.g. sampling=topk, n=30, computation=batchwise, max_users=1000); the files are kept "
+                        "as <out>.fisherN.safetensors")
+    p.add_argument("--fisher-cache-dir", help="reuse Fishers estimated with the same checkpoint, data and settings")
     p.add_argument("--data", help="prepared dataset: needed by greedy-soup, --evaluate, --finetune-epochs "
                                   "and Fisher estimation")
     p.add_argument("--evaluate", action="store_true",
@@ -34,15 +39,15 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def parse_options(items: list[str]) -> dict[str, str]:
-    """KEY=VALUE strings; values stay strings and the method's pydantic schema converts them."""
+def parse_options(items: list[str], flag: str = "--option") -> dict[str, str]:
+    """KEY=VALUE strings; values stay strings and the pydantic schema that receives them converts them."""
     from merging.methods import MergeOptionsError
 
     options = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise MergeOptionsError(f"--option {item!r}: expected KEY=VALUE")
+            raise MergeOptionsError(f"{flag} {item!r}: expected KEY=VALUE")
         options[key.strip().replace("-", "_")] = value.strip()
     return options
 
@@ -84,15 +89,17 @@ def validation_score(ds, backbone, device=None):
 
 
 def _estimate_fishers(args, ds, progress) -> list[str]:
-    """Fisher files for the fisher method when --fisher is not given (merging.fisher does the work)."""
-    from merging.fisher import estimate_fisher  # written separately; imported only when needed
+    """Fisher files for the fisher method when --fisher is not given, kept beside the output."""
+    from merging.fisher import estimate_fisher  # imported only when a Fisher must be estimated
 
-    out = Path(args.out)
+    settings = {"sampling": "exact"} | parse_options(args.fisher_setting, "--fisher-setting")
+    out, n = Path(args.out), len(args.checkpoints)
     paths = []
     for i, c in enumerate(args.checkpoints):
         f = out.with_name(f"{out.name.removesuffix('.safetensors')}.fisher{i + 1}.safetensors")
-        estimate_fisher(c, ds, f, device=args.device, progress=progress)
-        paths.append(str(f))
+        res = estimate_fisher(c, ds, settings, out=f, cache_dir=args.fisher_cache_dir, device=args.device,
+                              progress=lambda stage, x, i=i: progress(f"fisher {i + 1}/{n}", x))
+        paths.append(str(res.path))
     return paths
 
 
@@ -136,6 +143,8 @@ def run(args) -> int:
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise RecmergeError(f"{out}: the merged checkpoint must end in .safetensors")
+    if args.fisher and args.fisher_setting:
+        raise RecmergeError("--fisher-setting applies only when the Fishers are estimated (no --fisher)")
     if args.finetune_epochs < 0:
         raise RecmergeError(f"--finetune-epochs must be >= 0 (got {args.finetune_epochs})")
     needs_data = [why for cond, why in [(args.method == "greedy-soup", "greedy-soup"),

@@ -139,6 +139,23 @@ def test_merge_then_finetune_keeps_the_raw_merge_and_its_provenance(planted, cap
     assert json.loads(meta.extra["train"])["epochs_run"] == 1
 
 
+def test_fisher_merge_estimates_missing_fishers_and_keeps_them(planted, capsys, tmp_path):
+    from merging.merge import merge_checkpoints
+
+    ds, ckpts, _ = planted
+    out = tmp_path / "fm.safetensors"
+    rc, _, err = run_cli(capsys, "merge", "--method", "fisher", *ckpts[:2], "--data", ds.path,
+                         "--fisher-setting", "sampling=target", "--option", "normalize=true", "--out", out)
+    assert rc == 0, err
+    fishers = [tmp_path / "fm.fisher1.safetensors", tmp_path / "fm.fisher2.safetensors"]
+    merge = read_metadata(out).merge
+    assert [f["sampling"] for f in merge["fishers"]] == ["target", "target"]
+    assert [f["checkpoint_sha256"] for f in merge["fishers"]] == [file_sha256(c) for c in ckpts[:2]]
+    again = merge_checkpoints("fisher", ckpts[:2], tmp_path / "again.safetensors", fishers=fishers,
+                              options={"normalize": True})
+    assert again.sha256 == file_sha256(out)
+
+
 def test_a_dataset_the_checkpoints_were_not_trained_on_is_refused(planted, capsys, files):
     ds, _, _ = planted
     ckpts, _, _, out_dir = files  # these carry another fingerprint
