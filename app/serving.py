@@ -89,10 +89,11 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.observe = observe or (lambda size, seconds: None)
+        self.thread_init = thread_init
         self.in_flight = 0  # requests between `reserve` and their answer
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="recommend", initializer=thread_init)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
 
     @contextmanager
     def reserve(self):
@@ -106,7 +107,9 @@ class MicroBatcher:
     async def submit(self, item):
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # first call, or a new event loop (tests start several)
+            self.close()
             self._loop = loop
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="recommend", initializer=self.thread_init)
             self._queue: asyncio.Queue = asyncio.Queue()
             self._arrival = asyncio.Event()
             self._task = loop.create_task(self._collect())
@@ -152,7 +155,9 @@ class MicroBatcher:
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._loop = self._task = self._executor = None
 
 
 @dataclass(frozen=True)
