@@ -7,8 +7,13 @@ from pydantic import ValidationError
 from models.errors import RecmergeError
 from models.recipes.base import Recipe, RecipeOptions, TrainBatch
 from models.recipes.bert4rec import Bert4Rec
+from models.recipes.cl4srec import CL4SRec
+from models.recipes.duorec import DuoRec, DuoRecSup, DuoRecUnsup
+from models.recipes.ehrec import EHRecLearn, EHRecStat
 
-RECIPES: dict[str, type[Recipe]] = {cls.name: cls for cls in (Bert4Rec,)}
+RECIPES: dict[str, type[Recipe]] = {
+    cls.name: cls for cls in (Bert4Rec, CL4SRec, DuoRecUnsup, DuoRecSup, DuoRec, EHRecStat, EHRecLearn)
+}
 
 
 def recipe_class(name: str) -> type[Recipe]:
