@@ -173,3 +173,15 @@ def test_health_ready_metrics(svc, dataset, recipe):
     assert "recmerge_recommend_batch_size_count 3.0" in text
     assert 'recmerge_model_cache_total{result="miss"} 1.0' in text
     assert 'recmerge_model_cache_total{result="hit"}' in text
+
+
+def test_api_on_an_s3_store(make_service, s3_endpoint, tmp_path):
+    svc = make_service(STORE_URL="s3://recmerge-test/api", S3_ENDPOINT_URL=s3_endpoint)
+    d = svc.upload_dataset()
+    content = checkpoint_bytes(tmp_path, d["fingerprint"], d["n_items"])
+    m = svc.upload_recipe(content, d["id"]).json()
+    store = svc.app.state.store
+    assert list(store.objects()) == [m["sha256"]] and list(store.dirs()) == [d["fingerprint"]]
+    assert svc.client.get(f"/models/{m['id']}/file").content == content
+    rec = svc.client.get("/recommend/u2", params={"model": m["id"], "k": 4})
+    assert rec.status_code == 200 and len(rec.json()["items"]) == 4
