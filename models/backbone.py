@@ -136,7 +136,7 @@ class SeqRecModel(nn.Module):
         return torch.cat([keep, mask], dim=1)
 
     def next_item_scores(self, history):  # (B, T) left-padded -> (B, n_items), column c = item c+1
-        h = self.encode(self.inference_tokens(history))
+        h = self.encode(self.inference_tokens(history), last_only=True)  # only the final position is scored
         return self.logits(h[:, -1])
 
     def n_params(self) -> int:
