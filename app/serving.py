@@ -189,6 +189,7 @@ class Recommender:
         self.sessions = sessions
         self.store = store
         self.alias_ttl = settings.ALIAS_TTL_S
+        self.chunk = settings.FORWARD_CHUNK
         self.models = LRUCache(settings.MODEL_CACHE_SIZE, lambda r: metrics.cache.labels(r).inc())
         self.datasets = LRUCache(settings.MODEL_CACHE_SIZE)
         self._refs: dict[str, tuple[str, float]] = {}  # model id or alias -> (model id, valid until)
@@ -277,7 +278,7 @@ class Recommender:
             s = queries[rows[0]].served
             k = max(queries[i].k for i in rows)
             try:
-                items, scores = top_k(s.model, [histories[i] for i in rows], k, s.ds.n_items)
+                items, scores = top_k(s.model, [histories[i] for i in rows], k, s.ds.n_items, batch_size=self.chunk)
             except Exception as e:
                 for i in rows:
                     out[i] = e
