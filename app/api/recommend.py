@@ -5,16 +5,17 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query
 
 from app.api.deps import RecommenderDep
-from app.schemas import Recommendation, RecommendedItem, VisitorRecommend
+from app.schemas import Recommendation, VisitorRecommend
 from app.serving import Ranked, Served
 
 router = APIRouter(tags=["recommend"])
 
 
-def _public(s: Served, user: str | None, ranked: Ranked) -> Recommendation:
+def _public(s: Served, user: str | None, ranked: Ranked) -> dict:
+    # A dict, not model instances: FastAPI validates the response against `Recommendation` once anyway.
     ids, titles = s.ds.item_ids, s.ds.titles
-    items = [RecommendedItem(item=ids[i - 1], title=titles.get(ids[i - 1]), score=score) for i, score in ranked]
-    return Recommendation(model_id=s.id, user=user, items=items)
+    items = [{"item": ids[i - 1], "title": titles.get(ids[i - 1]), "score": score} for i, score in ranked]
+    return {"model_id": s.id, "user": user, "items": items}
 
 
 @router.get("/recommend/{user}", response_model=Recommendation)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from app.db_models import Dataset, Event
@@ -45,16 +45,21 @@ def count(session: Session, dataset_id: str, user: str) -> int:
     return session.scalar(q)
 
 
+# Built once: it runs for every recommendation batch, and a fixed statement is compiled once.
+_FOR_USERS = (select(Event.dataset_id, Event.user_id, Event.item_id)
+              .where(Event.dataset_id.in_(bindparam("datasets", expanding=True)),
+                     Event.user_id.in_(bindparam("users", expanding=True)))
+              .order_by(Event.id))
+
+
 def for_users(conn: Connection, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], list[str]]:
     """{(dataset_id, user): [original item ids, oldest first]} in one query for a whole batch."""
     pairs = set(pairs)
     if not pairs:
         return {}
-    q = (select(Event.dataset_id, Event.user_id, Event.item_id)
-         .where(Event.dataset_id.in_({d for d, _ in pairs}), Event.user_id.in_({u for _, u in pairs}))
-         .order_by(Event.id))
+    params = {"datasets": sorted({d for d, _ in pairs}), "users": sorted({u for _, u in pairs})}
     out: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for d, u, item in conn.execute(q):
+    for d, u, item in conn.execute(_FOR_USERS, params):
         if (d, u) in pairs:
             out[(d, u)].append(item)
     return out
