@@ -162,7 +162,7 @@ class MicroBatcher:
 
 @dataclass(frozen=True)
 class Served:
-    """A model ready to answer: the network, its dataset, and where its users' events live."""
+    """A model ready to answer: the network, its prepared dataset, and the dataset's id (events are keyed by it)."""
 
     id: str
     dataset_id: str
@@ -256,7 +256,8 @@ class Recommender:
             return events_svc.count(s, dataset_id, user) > 0
 
     def run_batch(self, queries: list[Query]) -> list[Ranked | Exception]:
-        """One forward pass per model in the batch (worker thread)."""
+        """Answer a batch (worker thread): one events query, then per model its histories in length-sorted
+        chunks of FORWARD_CHUNK forward passes."""
         users = [(q.served.dataset_id, q.user) for q in queries if q.user is not None]
         added = {}
         if users:
