@@ -4,6 +4,7 @@ streams, which is why the engine writes to a temporary file that it deletes on f
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -51,6 +52,15 @@ def check_same_model(ref: Ingredient, other: Ingredient) -> None:
         raise IncompatibleError(f"{other.path}: dataset_fingerprint {other.meta.dataset_fingerprint[:12]}… differs "
                                 f"from {ref.path}'s {ref.meta.dataset_fingerprint[:12]}…")
     check_same_tensors(ref.reader, other.reader, dtypes=True)
+
+
+def check_compatible(paths, base=None) -> None:
+    """The header-level checks of a merge, on their own: cheap, so a caller can run them before slow
+    preparation (estimating Fishers, say)."""
+    with ExitStack() as stack:
+        ings = [stack.enter_context(Ingredient.open(p)) for p in [*paths, *([base] if base else [])]]
+        for other in ings[1:]:
+            check_same_model(ings[0], other)
 
 
 def check_same_tensors(ref: SafetensorsReader, other: SafetensorsReader, dtypes: bool) -> None:

@@ -107,6 +107,8 @@ class SafetensorsReader:
                 if got == 0:
                     raise CheckpointError(f"{self.path}: file ended inside tensor {name!r}")
                 pos += got
+            # Reads go forward through the file: ask for the next range now, so the disk works while we compute.
+            os.posix_fadvise(self._fd, at + n, n, os.POSIX_FADV_WILLNEED)
             if self.drop_cache:
                 # A merge reads each byte once; keeping it cached only evicts pages someone else needs.
                 os.posix_fadvise(self._fd, at, n, os.POSIX_FADV_DONTNEED)

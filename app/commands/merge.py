@@ -160,6 +160,12 @@ def run(args) -> int:
     try:
         fishers = args.fisher
         if args.method == "fisher" and not fishers:
+            from merging.compat import check_compatible
+            from merging.merge import build_method
+
+            # Refuse bad options or checkpoints before spending time on Fishers.
+            build_method(args.method, len(args.checkpoints), options, args.weights)
+            check_compatible(args.checkpoints)
             fishers = _estimate_fishers(args, ds, progress)
         score = None
         if args.method == "greedy-soup":

@@ -51,16 +51,16 @@ class FisherWeighted(MergeMethod):
             scale = lam
         mass = [f * s for f, s in zip(x.fishers, scale)]  # λ_i F_i (normalised)
         num = mass[0] * x.tensors[0]
-        den = mass[0].clone()
         for m, t in zip(mass[1:], x.tensors[1:]):
             num += m * t
+        den = mass[0] + mass[1] if len(mass) > 1 else mass[0]
+        for m in mass[2:]:
             den += m
-        floor = self.options.epsilon
         out = num / den
-        # Σ λ F >= 0, so "below the floor, or zero" is one comparison.
-        low = den < floor if floor > 0 else den <= 0
-        if den.numel() and float(den.min()) <= max(floor, 0.0):
-            idx = low.nonzero(as_tuple=True)
+        floor = self.options.epsilon
+        if den.numel() and float(den.min()) <= floor:
+            # Σ λ F >= 0, so "below the floor, or zero" is one comparison.
+            idx = (den < floor if floor > 0 else den <= 0).nonzero(as_tuple=True)
             self.fallback_entries += len(idx[0])
             out[idx] = weighted_average([t[idx] for t in x.tensors], lam)
         return out

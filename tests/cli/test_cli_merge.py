@@ -156,6 +156,17 @@ def test_fisher_merge_estimates_missing_fishers_and_keeps_them(planted, capsys, 
     assert again.sha256 == file_sha256(out)
 
 
+def test_incompatible_checkpoints_are_refused_before_fishers_are_estimated(planted, capsys, tmp_path):
+    ds, ckpts, _ = planted
+    wide = tmp_path / "wide.safetensors"
+    make_checkpoint(wide, 5, cfg=BackboneConfig(n_items=ds.n_items, hidden=32, layers=1, heads=2, inner=32,
+                                                max_len=12), fingerprint=ds.fingerprint)
+    rc, _, err = run_cli(capsys, "merge", "--method", "fisher", ckpts[0], wide, "--data", ds.path,
+                         "--fisher-setting", "sampling=target", "--out", tmp_path / "fm.safetensors")
+    assert rc == 2 and "backbone hidden=32" in err
+    assert sorted(os.listdir(tmp_path)) == ["wide.safetensors"]  # no Fisher was estimated
+
+
 def test_a_dataset_the_checkpoints_were_not_trained_on_is_refused(planted, capsys, files):
     ds, _, _ = planted
     ckpts, _, _, out_dir = files  # these carry another fingerprint
