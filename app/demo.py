@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-epochs", type=int, default=8)
     ap.add_argument("--recipe-epochs", type=int, default=3)
     ap.add_argument("--method", default="fisher", help="merge method (default fisher)")
-    ap.add_argument("--fisher-users", type=int, default=None, help="estimate Fishers on this many users")
+    ap.add_argument("--fisher-users", type=int, default=300, help="estimate Fishers on a subset of this many users")
     args = ap.parse_args(argv)
 
     import httpx

@@ -64,9 +64,11 @@ TASKS = {kind: _register(kind) for kind in BODIES}
 class CeleryDispatcher:
     def __init__(self, celery: Celery):
         self.celery = celery
+        self._redis = None
 
     def send(self, job_id: str, kind: str, message_id: str) -> None:
-        TASKS[kind].apply_async(args=[job_id], task_id=message_id, queue=QUEUE)
+        # By name through this dispatcher's own app: its broker comes from the Settings it was made with.
+        self.celery.send_task(TASKS[kind].name, args=[job_id], task_id=message_id, queue=QUEUE)
 
     def pending(self, message_id: str) -> bool | None:
         """Is the message in the Redis queue or held unacknowledged by a worker? Kombu keeps the queue
@@ -77,7 +79,9 @@ class CeleryDispatcher:
         import redis
 
         try:
-            r = redis.Redis.from_url(url, socket_timeout=5)
+            if self._redis is None:
+                self._redis = redis.Redis.from_url(url, socket_timeout=5)
+            r = self._redis
             needle = message_id.encode()
             lists = [QUEUE] + [f"{QUEUE}\x06\x16{p}" for p in (1, 2, 3, 4, 5, 6, 7, 8, 9)]
             for name in lists:

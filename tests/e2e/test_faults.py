@@ -11,6 +11,7 @@ import pytest
 from tests.conftest_services import RedisServer
 from tests.e2e.flow import TINY, ok, upload_dataset, upload_recipe, wait_job
 from tests.e2e.services import migrate, service_env, start_api, start_worker, wait_for
+from workers.celery_app import CeleryDispatcher, make_celery
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 
@@ -25,6 +26,16 @@ def _store_is_clean(data_dir: Path) -> list[str]:
             assert hashlib.sha256(f.read_bytes()).hexdigest() == f.name, f"partial object {f}"
             names.append(f.name)
     return names
+
+
+def _message_id(database_url: str, job_id: str) -> str:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    with engine.connect() as c:
+        mid = c.execute(text("SELECT celery_id FROM jobs WHERE id = :id"), {"id": job_id}).scalar_one()
+    engine.dispose()
+    return mid
 
 
 @pytest.fixture
@@ -91,8 +102,12 @@ def test_job_queued_across_a_redis_restart_is_sent_again(services, tmp_path):
 
         r = redis_client.Redis.from_url(redis.url)
         assert r.llen("gpu") == 1  # the message waits in Redis: no worker runs yet
+        message_id = _message_id(env["RECMERGE_DATABASE_URL"], job["id"])
+        broker = CeleryDispatcher(make_celery(redis.url))
+        assert broker.pending(message_id) is True  # what keeps the sweeper from sending it twice
         redis.restart()  # no persistence: the queue is gone
         assert r.llen("gpu") == 0
+        assert broker.pending(message_id) is False
         worker = start_worker(env, tmp_path)
         done = wait_job(client, path, timeout=45)
         assert done["status"] == "succeeded", done["error"]
