@@ -11,21 +11,35 @@ from tests.e2e.services import machine_redis, migrate, service_env, start_api, s
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 
 
-def test_flow_with_celery_worker_on_postgres_and_redis(tmp_path, postgres_url):
+def _fisher_workers(database_url: str) -> list[str]:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    with engine.connect() as c:
+        rows = c.execute(text("SELECT worker FROM jobs WHERE kind = 'fisher'")).scalars().all()
+    engine.dispose()
+    return rows
+
+
+def test_flow_with_celery_workers_on_postgres_and_redis(tmp_path, postgres_url):
     with machine_redis() as broker:
         env = service_env(tmp_path, postgres_url, broker)
         migrate(env, tmp_path / "migrate.log")
-        worker = start_worker(env, tmp_path)
+        workers = [start_worker(env, tmp_path, n) for n in (1, 2)]
         api, client = start_api(env, tmp_path)
         try:
             run_flow(client, tmp_path)
+            # The two Fisher jobs of the merge went to the two workers, one each (prefetch 1, acks late).
+            names = [w.split("@")[0] for w in _fisher_workers(postgres_url)]
+            assert len(names) == 2 and len(set(names)) == 2, names
         except BaseException:
-            print("--- api ---\n" + api.tail(), "\n--- worker ---\n" + worker.tail())
+            print("--- api ---\n" + api.tail(), *(f"\n--- {w.name} ---\n" + w.tail() for w in workers))
             raise
         finally:
             client.close()
             api.stop()
-            worker.stop()
+            for w in workers:
+                w.stop()
 
 
 def test_flow_embedded_on_sqlite(tmp_path):
