@@ -83,7 +83,7 @@ def parse_settings(values: FisherSettings | dict) -> FisherSettings:
         return FisherSettings.model_validate(values)
     except ValidationError as e:
         problems = "; ".join(
-            f"{'.'.join(map(str, err['loc'])) or 'settings'}: "
+            "".join(f"{p}." for p in err["loc"][:-1]) + (f"{err['loc'][-1]}: " if err["loc"] else "")
             + ("unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, "))
             for err in e.errors())
         raise RecmergeError(f"fisher settings: {problems}") from None

@@ -162,7 +162,7 @@ def _batchwise(acc: SquaredGradSums, b: _Batch, cols: torch.Tensor, w: torch.Ten
         acc.layers(b.tape.records, grads, weight)
         acc.table_rows(POS_TABLE, b.pos_rows, ge, weight)
         acc.add(OUT_BIAS, weight * (torch.bincount(v, minlength=N).to(p.dtype) - p_sum).square())
-        g_table = torch.zeros_like(acc.sums[ITEM_TABLE])  # (vocab, D) the batch's summed table gradient
+        g_table = E.new_zeros(N + 2, E.shape[1])  # (vocab, D): the batch's summed table gradient
         g_table[1 : N + 1] = -mean_side
         g_table.index_add_(0, v + 1, z)
         g_table.index_add_(0, tok[real], ge.reshape(-1, ge.shape[-1])[real])
@@ -189,7 +189,7 @@ def compute_fisher(model: SeqRecModel, sequences: Sequence[Sequence[int]], targe
     if set(names) != set(model.state_dict()):
         raise RuntimeError("the model has buffers or tied names the Fisher does not know how to place")
     param = model.item_emb.weight
-    acc = SquaredGradSums({k: v.shape for k, v in names.items()}, computation, param.device, param.dtype)
+    acc = SquaredGradSums({k: v.shape for k, v in names.items()}, computation, param.device)
     run_batch = _per_example if computation == "per-example" else _batchwise
     total, done = len(seqs), 0
     with _fisher_mode(model):

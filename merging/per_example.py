@@ -91,15 +91,17 @@ class SquaredGradSums:
     batchwise: weight · (Σ_b g_b)², `weight` given with each call.
     """
 
-    def __init__(self, shapes: dict[str, torch.Size], mode: str, device=None, dtype=torch.float32):
+    def __init__(self, shapes: dict[str, torch.Size], mode: str, device=None):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
         self.batchwise = mode == "batchwise"
-        self.sums = {name: torch.zeros(shape, device=device, dtype=dtype) for name, shape in shapes.items()}
+        # float64 running sums: thousands of users' terms add up without the order mattering much.
+        self.sums = {name: torch.zeros(shape, device=device, dtype=torch.float64) for name, shape in shapes.items()}
         self.touched: set[str] = set()
 
     def add(self, name: str, value: torch.Tensor, rows: torch.Tensor | slice | None = None) -> None:
         self.touched.add(name)
+        value = value.double()
         if rows is None:
             self.sums[name] += value
         elif isinstance(rows, slice):
