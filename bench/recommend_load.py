@@ -243,8 +243,9 @@ def render(rows: list[dict], args, generator: str) -> str:
         f"Model: BERT4Rec backbone (hidden 64, 2 layers, 2 heads, max_len {args.max_len}), random init, on ml-1m "
         f"(6,040 users, 3,706 items) uploaded through POST /datasets and POST /recipes, served through the alias "
         f"`production`; each request is a random ml-1m user, k={args.k}, history = the user's whole sequence.",
-        "'mean batch' = requests answered per forward pass (server's /metrics); 'load avg' = 1-minute load "
-        "average after the row (the machine is shared).",
+        "'mean batch' = requests answered by one call of the micro-batcher (server's /metrics), which runs "
+        "them as length-sorted forward passes of up to RECMERGE_FORWARD_CHUNK (8); 'load avg' = 1-minute "
+        "load average after the row (the machine is shared).",
         "",
         *lines,
         "",
