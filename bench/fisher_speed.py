@@ -1,15 +1,15 @@
 """Fisher estimation speed on ml-1m (thesis fig. 4.4): sequences/s of every item selection with the
 per-example and batchwise computations, beside a plain per-sequence Python loop (one forward per
-sequence, one autograd backward per (sequence, item)), all measured in the same run.
+sequence, one autograd backward per (sequence, item)), all on the same users in the same run.
 
     nice -n 5 .venv/bin/python bench/fisher_speed.py --source ../shared/data/ml-1m \
         --out docs/results/fisher_speed.md
 
-Users: a fixed, seeded subset of users whose training history fills the whole window (max_len), so
-every sequence costs the same and subsets of different sizes give comparable rates. Runs that would
-take many minutes (batchwise `exact`: one backward per item and batch, 3,706 of them; the loop's
-`exact`) are timed on their first part and extrapolated — both are a chain of identical steps, and
-the table marks them.
+Runs that would take many minutes — batchwise `exact` (one backward of the batch per item: 3,706 per
+batch) and the loop's `exact` (3,706 backwards per sequence) — are timed on their first part and
+extrapolated: each is a chain of identical steps. Batchwise is timed batch by batch (the same batches
+compute_fisher forms), so short and long batches both count; the loop on the first items of every
+sequence. The table marks these rates.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from merging.fisher_compute import compute_fisher  # noqa: E402
 from merging.item_selection import select_items  # noqa: E402
 from models.backbone import SeqRecModel  # noqa: E402
-from models.batching import pad_left  # noqa: E402
+from models.batching import length_batches, pad_left  # noqa: E402
 from models.config import BackboneConfig  # noqa: E402
 from models.data import PreparedDataset, prepare_dataset  # noqa: E402
 
@@ -53,24 +53,30 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
-def library_rate(model, seqs, targets, sampling, n, computation, batch_size, stop_at=None) -> float:
-    """Sequences/s of compute_fisher; with stop_at, the run ends once that fraction is done and the
-    rate is extrapolated from it."""
-    done = [0.0]
+def library_rate(model, seqs, targets, sampling, n, computation, batch_size, partial=None) -> float:
+    """Sequences/s of compute_fisher. With `partial`, each batch runs on its own until that share of
+    its ranks is done, and its full time is extrapolated from there."""
+    if partial is None:
+        t0 = time.perf_counter()
+        compute_fisher(model, seqs, targets, sampling=sampling, n=n, computation=computation,
+                       batch_size=batch_size)
+        return len(seqs) / (time.perf_counter() - t0)
 
-    def progress(stage, fraction):
-        done[0] = fraction
-        if stop_at is not None and fraction >= stop_at:
+    def stop(stage, fraction):
+        if fraction >= partial:
             raise _Enough
 
-    t0 = time.perf_counter()
-    try:
-        compute_fisher(model, seqs, targets, sampling=sampling, n=n, computation=computation,
-                       batch_size=batch_size, progress=progress)
-        done[0] = 1.0
-    except _Enough:
-        pass
-    return done[0] * len(seqs) / (time.perf_counter() - t0)
+    seconds = 0.0
+    for idx in length_batches([len(s) for s in seqs], batch_size):
+        t0 = time.perf_counter()
+        try:
+            compute_fisher(model, [seqs[i] for i in idx], [targets[i] for i in idx], sampling=sampling, n=n,
+                           computation=computation, batch_size=batch_size, progress=stop)
+            share = 1.0
+        except _Enough:
+            share = partial
+        seconds += (time.perf_counter() - t0) / share
+    return len(seqs) / seconds
 
 
 def loop_rate(model, seqs, targets, sampling, n, max_items=None) -> float:
@@ -98,13 +104,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--source", default="../shared/data/ml-1m")
     ap.add_argument("--data", help="an already prepared dataset directory (skips prepare)")
-    ap.add_argument("--users", type=int, default=32, help="users timed by the library computations")
-    ap.add_argument("--loop-users", type=int, default=2, help="users timed by the plain loop")
+    ap.add_argument("--users", type=int, default=64, help="seeded random users, timed by every method")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--ns", type=int, nargs="+", default=[10, 30, 50])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--partial", type=float, default=0.04,
-                    help="share of batchwise exact timed before extrapolating")
+    ap.add_argument("--partial", type=float, default=0.03,
+                    help="share of each batch's ranks timed by batchwise exact before extrapolating")
     ap.add_argument("--partial-items", type=int, default=100, help="items per sequence timed by the exact loop")
     ap.add_argument("--max-len", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
@@ -118,10 +123,10 @@ def main() -> None:
     ds = PreparedDataset.load(args.data) if args.data else \
         prepare_dataset(args.source, Path(tempfile.mkdtemp(prefix="recmerge-bench-")) / "data")
     train = ds.train_sequences()
-    full = [u for u, s in enumerate(train) if len(s) - 1 >= args.max_len - 1]
     rng = np.random.default_rng(args.seed)
-    users = rng.choice(full, size=args.users, replace=False)
+    users = np.sort(rng.choice(np.flatnonzero([len(s) >= 2 for s in train]), size=args.users, replace=False))
     seqs = [train[u][:-1] for u in users]
+    lengths = np.array([min(len(q), args.max_len - 1) + 1 for q in seqs])  # tokens with [MASK]
     targets = [int(train[u][-1]) for u in users]
     torch.manual_seed(args.seed)
     cfg = BackboneConfig(n_items=ds.n_items, kind="bert4rec", hidden=64, layers=2, heads=2, inner=256,
@@ -131,7 +136,6 @@ def main() -> None:
     selections = [("exact", None)] + [(s, n) for n in args.ns for s in ("random", "topk", "model")] + \
         [("target", None)]
     rates: dict[tuple, dict[str, list[float]]] = {sel: {} for sel in selections}
-    L = args.loop_users
     library_rate(model, seqs[:4], targets[:4], "topk", 2, "per-example", 4)  # warm-up
     t_start = time.perf_counter()
     for rep in range(args.repeats):
@@ -144,9 +148,9 @@ def main() -> None:
                 library_rate(model, seqs, targets, sampling, n, "per-example", args.batch_size))
             r.setdefault("batchwise", []).append(
                 library_rate(model, seqs, targets, sampling, n, "batchwise", args.batch_size,
-                             stop_at=args.partial if exact else None))
+                             partial=args.partial if exact else None))
             r.setdefault("loop", []).append(
-                loop_rate(model, seqs[:L], targets[:L], sampling, n, args.partial_items if exact else None))
+                loop_rate(model, seqs, targets, sampling, n, args.partial_items if exact else None))
             print(f"repeat {rep + 1}: {sampling:<6} n={n}: " + ", ".join(
                 f"{k} {v[-1]:.3f}" for k, v in r.items()) + " seq/s", flush=True)
     minutes = (time.perf_counter() - t_start) / 60
@@ -161,11 +165,11 @@ def main() -> None:
         "rates are low and noisy; the ratios compare methods measured alternately in the same run.", "",
         f"Model: bert4rec backbone, hidden 64, 2 layers, 2 heads, inner 256, max_len {args.max_len}, random "
         f"init, float32, eval mode. Data: ml-1m ({ds.n_users} users, {ds.n_items} items); {args.users} seeded "
-        f"users whose history fills the {args.max_len}-token window ({len(full)} such users), batches of "
-        f"{args.batch_size}; the plain loop runs on the first {L} of them.", "",
+        f"random users, histories of {lengths.min()}–{lengths.max()} tokens (mean {lengths.mean():.0f}) after "
+        f"the {args.max_len}-token window, batches of {args.batch_size}; every method runs on the same users.", "",
         f"Rates are sequences/s, median of {args.repeats} repeats. "
-        f"* = timed on the first {args.partial:.0%} of the ranks (batchwise) or the first {args.partial_items} "
-        "items per sequence (loop) and extrapolated.", "",
+        f"* = timed on the first {args.partial:.0%} of each batch's ranks (batchwise) or the first "
+        f"{args.partial_items} items of each sequence (loop) and extrapolated.", "",
         "| selection | n | items/seq | per-example | batchwise | plain loop | per-example / batchwise "
         "| per-example / loop |",
         "|---|---|---|---|---|---|---|---|",

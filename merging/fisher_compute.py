@@ -10,7 +10,7 @@ and every body parameter (and the input side of E) receives Jᵀ u_v, J = ∂z/�
 per-example: F = Σ_s Σ_v w_v (∇ log p(v|s))². For the body, Σ_v w_v (Jᵀu_v)² = diag(Jᵀ C J) with
 C = Σ_v w_v u_v u_vᵀ, a D x D matrix: with C = Σ_k λ_k q_k q_kᵀ (eigenvectors) it is Σ_k λ_k (Jᵀq_k)².
 So a sequence costs min(K, D) backward cotangents, never K — `exact` over 3,706 items needs 64 (D),
-not 3,706. With K <= D the cotangents are the u_v themselves. Row c of E mixes both sides:
+not 3,706. With K <= D the cotangents are the u_v themselves (times sqrt(w_v)). Row c of E mixes both sides:
     Σ_v w_v ((δ_vc − p_c) z + a_c(u_v))² = coef_c z² + 2 z ⊙ a_c(m_c) + Σ_k λ_k a_c(q_k)²
 with a_c(·) the input-side row gradient (linear in the cotangent), coef_c = Σ_v w_v (δ_vc − p_c)² and
 m_c = Σ_v w_v (δ_vc − p_c) u_v; only rows of items in the sequence have a_c ≠ 0.
@@ -85,10 +85,11 @@ class _Batch:
         self.tape = LayerTape(model)
         with self.tape:
             self.z_graph, self.e = forward_last(model, self.tokens)
-        self.z = self.z_graph.detach()  # (B, D)
-        self.items = model.item_emb.weight[1 : cfg.n_items + 1]  # (N, D)
-        self.probs = torch.softmax(model.item_logits(self.z), dim=-1)  # (B, N)
-        self.zbar = self.probs @ self.items  # (B, D): Σ_c p_c E_c
+        with torch.no_grad():  # the output side is closed-form: no graph beyond z
+            self.z = self.z_graph.detach()  # (B, D)
+            self.items = model.item_emb.weight[1 : cfg.n_items + 1].detach()  # (N, D)
+            self.probs = torch.softmax(model.item_logits(self.z), dim=-1)  # (B, N)
+            self.zbar = self.probs @ self.items  # (B, D): Σ_c p_c E_c
         self.pos_rows = slice(cfg.max_len - self.tokens.shape[1], cfg.max_len)
         self._wanted = self.tape.outputs + [self.e]
 
@@ -132,7 +133,7 @@ def _per_example(acc: SquaredGradSums, b: _Batch, cols: torch.Tensor, w: torch.T
         cot = (Q * root[:, None, :]).transpose(1, 2).to(p.dtype)  # (B, D, D): l_k = sqrt(λ_k) q_k
     gamma = gamma * is_item[..., None]  # the [MASK] row has no output side
 
-    groups = RowGroups(tok)
+    groups = RowGroups(tok, padding=0)
     sq = torch.zeros_like(b.e)  # (B, T, D) Σ_k a(l_k)² on each token's first position
     cross = torch.zeros_like(b.e)  # (B, T, D) a(m_c) = Σ_k γ_k a(l_k)
     for k in range(cot.shape[1]):
@@ -143,7 +144,7 @@ def _per_example(acc: SquaredGradSums, b: _Batch, cols: torch.Tensor, w: torch.T
         sq += a.square()
         cross += gamma[:, :, k, None] * a
         step((k + 1) / cot.shape[1])
-    keep = groups.first & (tok != 0)  # padding_idx=0 never receives a gradient
+    keep = groups.first  # one position per distinct real token (padding_idx=0 never gets a gradient)
     acc.add(ITEM_TABLE, (sq + 2 * z[:, None] * cross)[keep], rows=tok[keep])
 
 

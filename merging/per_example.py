@@ -61,16 +61,17 @@ class RowGroups:
 
     idx (B, T) row ids. `first` (B, T) marks the first position of each row id in its example; `sum(g)`
     moves every position's gradient onto that first position, so a square of the result is the
-    example's squared row gradient.
+    example's squared row gradient. Positions holding `padding` are left alone (they have no row).
     """
 
-    def __init__(self, idx: torch.Tensor):
+    def __init__(self, idx: torch.Tensor, padding: int = 0):
         T = idx.shape[1]
         same = idx[:, :, None] == idx[:, None, :]  # (B, T, T)
         first_of = same.int().argmax(dim=2)  # (B, T): first position holding the same row id
-        self.first = first_of == torch.arange(T, device=idx.device)
+        real = idx != padding
+        self.first = (first_of == torch.arange(T, device=idx.device)) & real
         # Repeats are rare (a user rates a film once), so only they are moved, not the whole tensor.
-        self._dup = (~self.first).nonzero(as_tuple=True)  # (b, t) of every repeated position
+        self._dup = (~self.first & real).nonzero(as_tuple=True)  # (b, t) of every repeated position
         self._dst = (self._dup[0], first_of[self._dup])
 
     def sum(self, g: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
