@@ -154,10 +154,13 @@ def main(argv: list[str] | None = None) -> int:
             common = {"dataset_id": ds["id"], **SMALL}
             print("training (small preset: hidden 32, 2 layers, max_len 50):")
             base = _train(client, {**common, "name": "base bert4rec", "epochs": args.base_epochs}, "base bert4rec")
-            ingredients = []
+            # The recipes are queued together: the runner's two threads train two at a time.
+            queued = []
             for name, extra in _recipes_to_merge():
                 body = {**common, "name": name, "epochs": args.recipe_epochs, "init_model_id": base, **extra}
-                ingredients.append(_train(client, body, f"{name} (from base)"))
+                queued.append((name, _ok(client.post("/train-jobs", json=body), 202)["id"]))
+            ingredients = [_wait(client, f"/jobs/{jid}", f"{name} (from base)")["result"]["model_id"]
+                           for name, jid in queued]
 
             merge = {"method": args.method, "model_ids": ingredients, "evaluate": True, "name": f"{args.method} merge"}
             if args.method == "fisher":
