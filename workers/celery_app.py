@@ -28,6 +28,7 @@ def make_celery(broker_url: str | None) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_default_queue=QUEUE,
+        task_routes={"recmerge.*": {"queue": QUEUE}},
         task_ignore_result=True,
         result_backend=None,
         task_serializer="json",
@@ -51,7 +52,7 @@ def _run(job_id: str, hostname: str | None) -> str | None:
 
 # One task name per job kind so `celery inspect` and logs say what runs; all share one body runner.
 def _register(kind: str):
-    @app.task(name=f"recmerge.{kind}", bind=True, queue=QUEUE)
+    @app.task(name=f"recmerge.{kind}", bind=True)
     def task(self, job_id: str):
         return _run(job_id, f"{self.request.hostname}:{kind}")
 

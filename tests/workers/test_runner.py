@@ -120,3 +120,29 @@ def test_sweeper_resends_a_lost_message(bg, dataset_id):
     assert sweep_once(bg.res)["resent"] == [jid]
     job = wait(bg.res, jid)
     assert (job.status, job.attempts) == ("succeeded", 1)
+
+
+def test_shutdown_hands_the_running_job_back_and_the_next_process_finishes_it(bg, settings, dataset_id):
+    from workers.runner import Background
+
+    # max_minutes: the second attempt stops training after about a second and registers its model.
+    jid = submit(bg.res, "train", {"dataset_id": dataset_id, **{**TINY, "epochs": 500, "patience": 0},
+                                   "max_minutes": 0.02})
+    wait(bg.res, jid, until=("running",))
+    bg.runner.shutdown(wait=True)  # what the API's lifespan does on SIGTERM
+    with bg.res.session() as s:
+        job = s.get(Job, jid)
+        assert (job.status, job.stage, job.attempts, job.worker) == ("queued", "interrupted", 1, None)
+        s.execute(update(Job).where(Job.id == jid).values(heartbeat_at=jobs.now() - timedelta(seconds=30)),
+                  execution_options={"synchronize_session": False})
+        s.commit()
+    assert _count(bg.res, Model) == 0
+
+    nxt = Background(settings)  # the next process on the same database and store
+    try:
+        assert sweep_once(nxt.res)["resent"] == [jid]
+        job = wait(nxt.res, jid)
+        assert (job.status, job.attempts) == ("succeeded", 2), job.error
+        assert _count(nxt.res, Model) == 1
+    finally:
+        nxt.stop()
