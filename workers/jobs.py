@@ -200,9 +200,13 @@ def release(session: Session, parent_id: str) -> bool:
 
 
 def register_model(session: Session, **fields) -> Model:
-    """Insert a model row once per (kind, sha256): the same bytes from a second attempt or a second
-    job resolve to the first row instead of a duplicate."""
-    kind, sha = fields["kind"], fields["sha256"]
+    """Insert a model row once per job and per (kind, sha256): the same bytes from a second attempt or a
+    second job resolve to the first row instead of a duplicate."""
+    kind, sha, job_id = fields["kind"], fields["sha256"], fields.get("source_job_id")
+    if job_id is not None:  # this job registered already (cannot happen while leases hold; cheap to check)
+        found = session.scalar(select(Model).where(Model.source_job_id == job_id))
+        if found is not None:
+            return found
     found = session.scalar(select(Model).where(Model.kind == kind, Model.sha256 == sha))
     if found is not None:
         return found
