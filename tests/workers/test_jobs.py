@@ -146,7 +146,6 @@ def test_register_model_once_per_bytes(s):
     with s.begin():
         m2 = jobs.register_model(s, source_job_id=j2, **fields)
     assert m1.id == m2.id
-    assert s.scalar(select(func.count()).select_from(Model)) == 1
     with s.begin():  # the same job again, other bytes (a nondeterministic re-run): still its first row
         m3 = jobs.register_model(s, source_job_id=j1, **{**fields, "sha256": "b" * 64})
     assert m3.id == m1.id
