@@ -8,6 +8,7 @@ measured side by side in one process; optionally a budgeted training run for tes
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -36,7 +37,9 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, {platform.python_version()}"
+    load = open("/proc/loadavg").read().split()[:3]
+    return (f"{cpu}, {os.cpu_count()} cores (load average {' '.join(load)} at the start, shared with other work), "
+            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, Python {platform.python_version()}")
 
 
 def step_rate(model, recipe, opt, samples, batches, rng) -> float:
@@ -63,8 +66,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--train-minutes", type=float, default=0.0, help="also train with this budget")
     ap.add_argument("--backbone", default="bert4rec")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--out", help="write a Markdown report here")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     tmp = Path(tempfile.mkdtemp(prefix="recmerge-bench-"))
     ds = PreparedDataset.load(args.data) if args.data else prepare_dataset(args.source, tmp / "data")
@@ -106,7 +113,7 @@ def main() -> None:
     if args.train_minutes > 0:
         out = tmp / "model.safetensors"
         tcfg = TrainConfig(max_len=args.max_len, batch_size=args.batch_size, backbone=args.backbone,
-                           epochs=1000, patience=0, max_minutes=args.train_minutes)
+                           epochs=1000, patience=0, max_minutes=args.train_minutes, lr=args.lr)
         res = train(ds, tcfg, out, show_bar=True)
         from models.checkpoint import load_model
         from models.evaluate import evaluate
