@@ -15,6 +15,8 @@ RUN pip install "torch==2.13.0" && \
 open('/tmp/req.txt', 'w').write('\n'.join(d))" && \
     pip install -r /tmp/req.txt
 
+# pyproject names README.md as the long description; a checkout without one still installs.
+RUN test -f README.md || echo "# recmerge" > README.md
 COPY alembic.ini ./
 COPY models ./models
 COPY merging ./merging
