@@ -121,7 +121,7 @@ def submit_merge(session: Session, spec: MergeSpec, key: str | None = None) -> t
 def get_job(session: Session, job_id: str, kind: str | None = None) -> Job:
     job = session.get(Job, job_id)
     if job is None or (kind is not None and job.kind != kind):
-        raise NotFound(f"{kind or ''} job {job_id!r} not found".replace("  ", " ").strip())
+        raise NotFound(f"{kind + ' job' if kind else 'job'} {job_id!r} not found")
     return job
 
 
