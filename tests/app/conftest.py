@@ -62,6 +62,22 @@ def checkpoint_bytes(tmp_path: Path, fingerprint: str, n_items: int, seed: int =
     return path.read_bytes()
 
 
+def multipart_stream(fields: dict[str, str], filename: str, chunks):
+    """(body iterator, content type) of a multipart form whose file part is streamed from `chunks`: the
+    client never holds the file, and no Content-Length is sent."""
+    boundary = "recmerge-test-boundary"
+
+    def body():
+        for name, value in fields.items():
+            yield f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        yield (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+               "Content-Type: application/octet-stream\r\n\r\n").encode()
+        yield from chunks
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    return body(), f"multipart/form-data; boundary={boundary}"
+
+
 def torch_seed(seed: int) -> None:
     import torch
 

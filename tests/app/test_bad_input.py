@@ -9,7 +9,7 @@ import httpx
 import pytest
 import torch
 
-from tests.app.conftest import TOKEN, checkpoint_bytes, interactions_csv
+from tests.app.conftest import TOKEN, checkpoint_bytes, interactions_csv, multipart_stream
 
 
 @pytest.fixture
@@ -98,9 +98,8 @@ def test_oversized_uploads_413(make_service, tmp_path):
         r = svc.client.post(url, data=data, files={"file": ("big.safetensors", io.BytesIO(big))})
         refused(r, 413, "4096 bytes")
         # Without a Content-Length the limit is enforced while the body streams in.
-        body, headers = httpx._multipart.MultipartStream(data=data, files={"file": ("big", big)}), {}
-        headers["content-type"] = body.content_type
-        r = svc.client.post(url, content=(c for c in body), headers=headers)
+        body, ctype = multipart_stream(data, "big", iter([big[:2500], big[2500:]]))
+        r = svc.client.post(url, content=body, headers={"content-type": ctype})
         assert "content-length" not in r.request.headers
         refused(r, 413, "4096 bytes")
     assert svc.snapshot() == before

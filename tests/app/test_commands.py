@@ -9,7 +9,7 @@ import sys
 
 import httpx
 
-from tests.app.conftest import REPO, checkpoint_bytes, interactions_csv
+from tests.app.conftest import REPO, checkpoint_bytes, interactions_csv, multipart_stream
 from tests.conftest_services import free_port_number, wait_for_port
 
 
@@ -46,6 +46,35 @@ def test_serve_embedded_with_no_environment(tmp_path):
         out, _ = proc.communicate(timeout=20)
     assert proc.returncode == 0, out
     assert "embedded" in out and f":{port}" in out
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_large_upload_is_streamed_not_held_in_memory(tmp_path):
+    port = free_port_number()
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--log-level", "warning"],
+                            cwd=tmp_path, env=_clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, timeout=30)
+        base = f"http://127.0.0.1:{port}"
+        d = httpx.post(f"{base}/datasets", data={"name": "t"}, files={"file": ("i.csv", interactions_csv())}).json()
+        before = _peak_rss_mb(proc.pid)
+        size_mb = 256
+        body, ctype = multipart_stream({"name": "big", "dataset_id": d["id"]}, "big.safetensors",
+                                       (b"\0" * (1 << 20) for _ in range(size_mb)))
+        r = httpx.post(f"{base}/recipes", content=body, headers={"content-type": ctype}, timeout=120)
+        assert r.status_code == 400 and "not a safetensors file" in r.json()["detail"], r.text
+        grew = _peak_rss_mb(proc.pid) - before
+        assert grew < size_mb / 4, f"server peak memory grew by {grew:.0f} MB for a {size_mb} MB upload"
+        assert not list((tmp_path / ".recmerge" / "tmp").iterdir())  # the scratch copy is gone
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(20)
 
 
 def test_db_upgrade_sqlite_and_postgres(tmp_path, postgres_url):
