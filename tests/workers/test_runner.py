@@ -11,6 +11,7 @@ from sqlalchemy import func, select, update
 from app.db_models import Dataset, Job, Model
 from models.errors import RecmergeError
 from models.recipes import recipe_options
+from tests.conftest_services import s3_endpoint  # noqa: F401
 from tests.synthetic import make_planted_dataset
 from tests.workers.conftest import submit, wait
 from workers import jobs
@@ -146,3 +147,30 @@ def test_shutdown_hands_the_running_job_back_and_the_next_process_finishes_it(bg
         assert _count(nxt.res, Model) == 1
     finally:
         nxt.stop()
+
+
+def test_jobs_on_an_s3_store(tmp_path, s3_endpoint):  # noqa: F811
+    """Workers on other machines share artifacts through S3: the same bodies read and write there."""
+    from app.migrate import upgrade
+    from app.settings import Settings
+    from app.store import S3Store
+    from workers.runner import Background
+
+    settings = Settings(DATA_DIR=tmp_path / "svc", BROKER_URL=None, DATABASE_URL="",
+                        STORE_URL="s3://recmerge-test/artifacts", S3_ENDPOINT_URL=s3_endpoint)
+    upgrade(settings.DATABASE_URL)
+    b = Background(settings)
+    try:
+        assert isinstance(b.res.store, S3Store)
+        make_planted_dataset(tmp_path / "raw", n_users=120, n_items=30)
+        sha = b.res.store.put_file(tmp_path / "raw" / "planted.txt")
+        prep = wait(b.res, submit(b.res, "prepare", {"source": f"upload:{sha}", "filename": "planted.txt",
+                                                      "fmt": "sasrec"}))
+        assert prep.status == "succeeded", prep.error
+        job = wait(b.res, submit(b.res, "train", {"dataset_id": prep.result["dataset_id"], **TINY}))
+        assert job.status == "succeeded", job.error
+        keys = [o["Key"] for o in b.res.store.s3.list_objects_v2(Bucket="recmerge-test")["Contents"]]
+        assert f"artifacts/objects/{job.result['sha256']}" in keys
+        assert f"artifacts/dirs/{prep.result['fingerprint']}/.complete" in keys
+    finally:
+        b.stop()
