@@ -6,8 +6,6 @@ this process. With a broker, `recmerge db upgrade` migrates and Celery workers r
 
 from __future__ import annotations
 
-import importlib.util
-import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -16,6 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api import aliases, datasets, events, health, models, recipes, recommend
+from app.api import jobs as jobs_api
 from app.db import make_engine, make_sessionmaker
 from app.metrics import Metrics, MetricsMiddleware
 from app.migrate import upgrade
@@ -24,8 +23,6 @@ from app.serving import Recommender
 from app.settings import Settings, get_settings
 from app.store import store_from_settings
 from models.errors import RecmergeError
-
-log = logging.getLogger("recmerge.api")
 
 
 class BodyLimit:
@@ -64,11 +61,7 @@ class BodyLimit:
 
 
 def _start_jobs(settings: Settings):
-    """J's workers: the sweeper, plus the in-process runner when embedded. Imported lazily: the API
-    alone (and its tests) must not need the workers package."""
-    if importlib.util.find_spec("workers.runner") is None:
-        log.warning("workers.runner is missing: jobs will stay queued")
-        return None
+    """The sweeper, plus the in-process job runner when embedded (workers/runner.py)."""
     from workers.runner import start_background
 
     return start_background(settings)
@@ -107,12 +100,8 @@ def create_app(settings: Settings | None = None, *, jobs: bool = True) -> FastAP
     app.state.recommender = recommender
     app.state.background = None
 
-    for module in (datasets, recipes, models, aliases, recommend, events, health):
+    for module in (datasets, recipes, models, aliases, recommend, events, jobs_api, health):
         app.include_router(module.router)
-    if importlib.util.find_spec("app.api.jobs") is not None:
-        from app.api import jobs as jobs_api
-
-        app.include_router(jobs_api.router)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError):
