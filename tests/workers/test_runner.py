@@ -65,6 +65,14 @@ def test_user_error_fails_once_with_the_library_message(bg, dataset_id):
 def test_cancel_stops_a_running_job_and_registers_nothing(bg, dataset_id):
     jid = submit(bg.res, "train", {"dataset_id": dataset_id, **{**TINY, "epochs": 500, "patience": 0}})
     wait(bg.res, jid, until=("running",))
+    deadline = time.monotonic() + 20
+    while True:  # the library's progress reaches the row while the job runs
+        with bg.res.session() as s:
+            job = s.get(Job, jid)
+        if job.stage == "train" and job.fraction > 0:
+            break
+        assert time.monotonic() < deadline, (job.stage, job.fraction)
+        time.sleep(0.05)
     with bg.res.session() as s, s.begin():
         assert jobs.cancel(s, s.get(Job, jid)) == [jid]
     deadline = time.monotonic() + 20
