@@ -8,7 +8,6 @@ local cache directory.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -17,15 +16,9 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlparse
 
+from models.checkpoint import file_sha256
+
 CHUNK = 1 << 20
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(CHUNK):
-            h.update(b)
-    return h.hexdigest()
 
 
 def _check_sha(sha256: str) -> str:
@@ -82,7 +75,7 @@ class LocalStore:
 
     def put_file(self, src: str | os.PathLike, sha256: str | None = None) -> str:
         """Store a copy of `src`; returns its sha256. The caller keeps (and removes) `src`."""
-        sha256 = sha256 or sha256_of(src)
+        sha256 = sha256 or file_sha256(src)
         dst = self._obj(sha256)
         if not dst.exists():
             _atomic_copy(Path(src), dst)
@@ -172,7 +165,7 @@ class S3Store:
                 yield obj["Key"]
 
     def put_file(self, src: str | os.PathLike, sha256: str | None = None) -> str:
-        sha256 = _check_sha(sha256 or sha256_of(src))
+        sha256 = _check_sha(sha256 or file_sha256(src))
         if not self.exists(sha256):
             self.s3.upload_file(str(src), self.bucket, self._key("objects", sha256))
         return sha256
@@ -192,7 +185,7 @@ class S3Store:
         os.close(fd)
         try:
             self.s3.download_file(self.bucket, self._key("objects", sha256), tmp)
-            if sha256_of(tmp) != sha256:
+            if file_sha256(tmp) != sha256:
                 raise OSError(f"object {sha256} in s3://{self.bucket} does not match its hash")
             os.replace(tmp, p)
         finally:
