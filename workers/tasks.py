@@ -209,7 +209,7 @@ def merge(a: Attempt) -> Record:
         score = validation_score(ds, read_metadata(paths[0]).backbone, a.res.device)
     merged = merge_checkpoints(spec.method, list(paths), out, weights=spec.weights, options=spec.options,
                                base=base, fishers=fishers, score=score,
-                               progress=a.scaled(0.0, 1 / steps, "merge "))
+                               progress=a.scaled(0.0, 1 / steps))
     if spec.finetune_epochs:
         out = finetune(a, ds, merged, spec.finetune_epochs, progress=a.scaled(1 / steps, 2 / steps, "finetune "))
     metrics = None
