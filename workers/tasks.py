@@ -197,8 +197,9 @@ def merge(a: Attempt) -> Record:
             for row in rows:
                 key = cache_key(row.sha256, ds.fingerprint, spec.fisher)
                 f = s.scalar(select(Fisher).where(Fisher.cache_key == key))
-                if f is None:
-                    raise RecmergeError(f"model {row.id}: its Fisher was not computed")
+                if f is None or not a.res.store.exists(f.sha256):
+                    raise RecmergeError(f"model {row.id}: its Fisher is not in the cache (not computed, or its "
+                                        f"file was removed from the store); submit the merge again")
                 fishers.append(a.res.store.path_for(f.sha256))
     steps = 1 + bool(spec.finetune_epochs) + spec.evaluate
     out = a.workdir / "merged.safetensors"
