@@ -229,3 +229,13 @@ def test_event_refusals(svc, dataset, recipe, unchanged):
     refused(post("/users/u1/events", json={"items": ["101"]}), 422, "exactly one of dataset_id or model")
     refused(post("/users/u1/events", json={"items": ["101"], "model": recipe["id"], "dataset_id": dataset["id"]}),
             422, "exactly one")
+
+
+def test_builtin_source_unreachable_is_503_and_stores_nothing(svc, unchanged, tmp_path, monkeypatch):
+    from tests.conftest_services import free_port_number
+
+    dead = f"http://127.0.0.1:{free_port_number()}/nothing"  # nothing listens: refused at once
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("RECMERGE_ML100K_URL", dead)
+    monkeypatch.setenv("RECMERGE_PYPI_URL", dead)
+    refused(svc.client.post("/datasets", json={"name": "x", "source": "ml-100k"}), 503, "could not download ml-100k")
