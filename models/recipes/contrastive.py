@@ -91,18 +91,30 @@ def view_rows(samples: list[np.ndarray]) -> np.ndarray:
     return pad_left([s[:-1] for s in samples], width=width).numpy()
 
 
-def encode_views(model: SeqRecModel, *rows: np.ndarray) -> list[torch.Tensor]:
-    """Final-position states (B_i, D) of several left-padded view inputs (B_i, W_i); sets of one width
-    share one forward pass, and only the last position is computed (no logits: a view needs none)."""
+def encode_views(model: SeqRecModel, *rows: np.ndarray, chunks: int = 8) -> list[torch.Tensor]:
+    """Final-position states (B_i, D) of several sets of left-padded view inputs (B_i, W_i).
+
+    All views go through the encoder together, sorted by length and cut into `chunks` groups, each only
+    as wide as its longest member: extra left padding does not change a final state, and views differ a
+    lot in length (crops, same-target positives of any length). Only the last position is computed, and
+    no logits: a view needs neither."""
     device = model.item_emb.weight.device
-    tokens = [model.inference_tokens(torch.as_tensor(r).to(device)) for r in rows]
-    states: list[torch.Tensor | None] = [None] * len(tokens)
-    for width in dict.fromkeys(t.shape[1] for t in tokens):
-        members = [i for i, t in enumerate(tokens) if t.shape[1] == width]
-        z = model.encode(torch.cat([tokens[i] for i in members]), last_only=True)[:, 0]  # (ΣB, D)
-        for i, part in zip(members, z.split([len(tokens[i]) for i in members])):
-            states[i] = part
-    return states
+    sizes = [len(r) for r in rows]
+    width = max(r.shape[1] for r in rows)
+    pool = np.zeros((sum(sizes), width), dtype=np.int64)  # every set left-padded to one width
+    start = 0
+    for r in rows:
+        pool[start : start + len(r), width - r.shape[1] :] = r
+        start += len(r)
+    lengths = np.count_nonzero(pool, axis=1)
+    order = np.argsort(lengths, kind="stable")
+    parts = []
+    for idx in np.array_split(order, min(chunks, len(order))):
+        w = max(1, int(lengths[idx].max()))
+        tokens = model.inference_tokens(torch.from_numpy(pool[idx, width - w :]).to(device))
+        parts.append(model.encode(tokens, last_only=True)[:, 0])  # (len(idx), D)
+    z = torch.cat(parts)[torch.from_numpy(np.argsort(order)).to(device)]  # back to pool order
+    return list(z.split(sizes))
 
 
 # SimThres and the learned threshold -------------------------------------------------------------

@@ -168,19 +168,23 @@ def test_ehrec_learn_gate_passes_gradient_to_g_from_the_loss_and_from_l_reg():
 
 
 @pytest.mark.parametrize("kind", ["bert4rec", "sasrec"])
-def test_views_are_the_final_state_of_the_input_and_last_only_encoding_is_exact(kind):
+def test_views_are_the_final_state_of_the_input_and_chunked_last_only_encoding_is_exact(kind):
     model = tiny_model(kind).eval()
     rng = np.random.default_rng(0)
     samples = [rng.integers(1, 31, size=n) for n in (2, 5, 9, 12)]
-    rows = view_rows(samples)
+    others = [rng.integers(1, 31, size=n) for n in (3, 7)]  # another set, another width
+    rows, other_rows = view_rows(samples), view_rows(others)
     tokens = model.inference_tokens(torch.as_tensor(rows))
     full = model.encode(tokens)[:, -1]
-    (z,) = encode_views(model, rows)
-    assert torch.allclose(z, full, atol=1e-5)
+    one_by_one = torch.cat([model.encode(model.inference_tokens(torch.as_tensor(view_rows([s]))))[:, -1]
+                            for s in others])
+    for chunks in (1, 3, 8):
+        z, z_other = encode_views(model, rows, other_rows, chunks=chunks)
+        assert torch.allclose(z, full, atol=1e-5) and torch.allclose(z_other, one_by_one, atol=1e-5)
     if kind == "sasrec":
         # The next-item batch's input is exactly each sample's view: its final state can be reused.
         h = model.encode(causal_batch(samples, 12).tokens)
-        assert torch.allclose(h[:, -1], z, atol=1e-5)
+        assert torch.allclose(h[:, -1], full, atol=1e-5)
     else:
         assert (tokens[:, -1] == model.cfg.mask_token).all()
         assert torch.equal(tokens[:, :-1], pad_left([s[:-1] for s in samples], width=11))

@@ -1,0 +1,153 @@
+"""`recmerge plot LOG.json [LOG.json ...] --out DIR [--figure NAME]`: figures from training logs as PNG.
+
+One function per figure, listed in FIGURES; each takes the loaded logs and the output directory and
+returns the file it wrote, or raises NoData when none of the logs holds what it draws.
+- k-stat:     SimThres k_stat per epoch, one line per log (thesis fig. 4.1)
+- k-learn:    mean ± std of the learned thresholds k_learn per epoch, k_stat for reference
+- similarity: histograms of in-batch view similarities at a few epochs, k_stat marked (thesis fig. 4.2)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from models.errors import RecmergeError
+
+
+class NoData(RecmergeError):
+    pass
+
+
+class Log:
+    def __init__(self, path: Path):
+        self.path = path
+        self.label = path.name.removesuffix(".json").removesuffix(".log")
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise RecmergeError(f"{path}: no such file") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RecmergeError(f"{path}: not JSON ({e})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("epochs"), list):
+            raise RecmergeError(f"{path}: not a training log (no 'epochs' list)")
+        self.epochs: list[dict] = [e for e in data["epochs"] if isinstance(e, dict)]
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        rows = [e for e in self.epochs if isinstance(e.get(key), int | float)]
+        return [e.get("epoch", i + 1) for i, e in enumerate(rows)], [float(e[key]) for e in rows]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def fig_k_stat(logs: list[Log], out: Path) -> Path:
+    drawn = [(log, *log.series("k_stat")) for log in logs]
+    drawn = [d for d in drawn if d[1]]
+    if not drawn:
+        raise NoData("no k_stat in these logs (only contrastive recipes log it)")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for log, x, y in drawn:
+        ax.plot(x, y, marker="o", label=log.label)
+    ax.set(xlabel="epoch", ylabel="k_stat (q-quantile of in-batch similarity)", title="SimThres k_stat per epoch")
+    ax.legend()
+    return _save(fig, out / "k_stat.png")
+
+
+def fig_k_learn(logs: list[Log], out: Path) -> Path:
+    drawn = [log for log in logs if log.series("k_learn_mean")[0]]
+    if not drawn:
+        raise NoData("no k_learn_mean in these logs (only ehrec-learn logs it)")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for log in drawn:
+        x, mean = log.series("k_learn_mean")
+        _, std = log.series("k_learn_std")  # logged together with the mean
+        (line,) = ax.plot(x, mean, marker="o", label=f"{log.label} k_learn")
+        ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                        color=line.get_color(), alpha=0.25)
+        kx, ky = log.series("k_stat")
+        if kx:
+            ax.plot(kx, ky, linestyle="--", color=line.get_color(), label=f"{log.label} k_stat")
+    ax.set(xlabel="epoch", ylabel="threshold", title="learned threshold k_learn (mean ± std) per epoch")
+    ax.legend()
+    return _save(fig, out / "k_learn.png")
+
+
+def fig_similarity(logs: list[Log], out: Path, per_log: int = 4) -> Path:
+    drawn = [(log, [e for e in log.epochs if isinstance(e.get("similarity_histogram"), dict)]) for log in logs]
+    drawn = [d for d in drawn if d[1]]
+    if not drawn:
+        raise NoData("no similarity_histogram in these logs (only contrastive recipes log it)")
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(drawn), 1, figsize=(6, 3.2 * len(drawn)), squeeze=False)
+    for ax, (log, rows) in zip(axes[:, 0], drawn):
+        # A few epochs spread over the run: the first, the last and evenly spaced ones between.
+        picks = sorted({round(i * (len(rows) - 1) / max(per_log - 1, 1)) for i in range(per_log)})
+        for i in picks:
+            e = rows[i]
+            hist = e["similarity_histogram"]
+            edges, counts = hist["edges"], hist["counts"]
+            total = sum(counts) or 1
+            patch = ax.stairs([c / total for c in counts], edges, label=f"epoch {e.get('epoch', i + 1)}")
+            if isinstance(e.get("k_stat"), float):
+                ax.axvline(e["k_stat"], color=patch.get_edgecolor(), linestyle=":", linewidth=1)
+        ax.set(xlabel="similarity of in-batch negative pairs (dotted: k_stat)", ylabel="share of pairs",
+               title=log.label)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return _save(fig, out / "similarity.png")
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+FIGURES: dict[str, Callable[[list[Log], Path], Path]] = {
+    "k-stat": fig_k_stat,
+    "k-learn": fig_k_learn,
+    "similarity": fig_similarity,
+}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plot", help="draw figures from training logs (<checkpoint>.log.json) as PNG")
+    p.add_argument("logs", nargs="+", metavar="LOG.json", help="training logs written beside checkpoints")
+    p.add_argument("--out", required=True, help="output directory (created if missing)")
+    p.add_argument("--figure", choices=[*FIGURES, "all"], default="all",
+                   help="which figure; 'all' draws every figure the logs have data for")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    logs = [Log(Path(p)) for p in args.logs]
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise RecmergeError(f"--out {out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(FIGURES) if args.figure == "all" else [args.figure]
+    written, missing = [], []
+    for name in names:
+        try:
+            written.append(FIGURES[name](logs, out))
+        except NoData as e:
+            if args.figure != "all":
+                raise
+            missing.append(f"{name}: {e}")
+    if not written:
+        raise RecmergeError("nothing to draw: " + "; ".join(missing))
+    for path in written:
+        print(path)
+    return 0
