@@ -156,6 +156,8 @@ def fisher(a: Attempt) -> Record:
                     s.add(found)
             except IntegrityError:  # a twin job cached the same Fisher first
                 found = s.scalar(select(Fisher).where(Fisher.cache_key == key))
+        elif not a.res.store.exists(found.sha256):  # the cached file was removed: this one replaces it
+            found.sha256 = sha
         return {"fisher_id": found.id, "sha256": found.sha256, "cached": False}
 
     return record

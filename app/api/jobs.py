@@ -3,12 +3,13 @@ embedded, on the API process's own runner; either way their state is read back f
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Request
 from sqlalchemy.exc import IntegrityError
 
-from app.api.deps import SessionDep, WriteAccess
+from app.api.deps import SessionDep, StoreDep, WriteAccess
 from app.job_schemas import JobPublic, MergeJobCreate, MergeJobPublic, TrainJobCreate
 from app.services import jobs
 from workers.runner import Background
@@ -52,11 +53,11 @@ def get_job(job_id: str, session: SessionDep):
 
 
 @router.post("/merge-jobs", response_model=MergeJobPublic, status_code=202, dependencies=[WriteAccess])
-def create_merge_job(body: MergeJobCreate, session: SessionDep, bg: BackgroundDep,
+def create_merge_job(body: MergeJobCreate, session: SessionDep, store: StoreDep, bg: BackgroundDep,
                      idempotency_key: IdempotencyKey = None):
     """Merge registered models. With method `fisher` each ingredient's Fisher is estimated (in parallel,
     cached); with `evaluate` the merged model is scored beside its ingredients."""
-    job = _queue(session, bg, jobs.submit_merge, body, idempotency_key)
+    job = _queue(session, bg, partial(jobs.submit_merge, store=store), body, idempotency_key)
     return jobs.merge_job_public(session, job)
 
 

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from app.db_models import Dataset, Fisher, Job, Model
 from app.job_schemas import JobPublic, MergeJobPublic, ModelMetrics, Progress
 from app.services.errors import Conflict, NotFound, Unprocessable
+from app.store import Store
 from models.errors import RecmergeError
 from workers import jobs
 from workers.specs import MergeSpec, TrainSpec
@@ -88,7 +89,9 @@ def _check_merge(session: Session, spec: MergeSpec) -> tuple[list[Model], Model 
     return rows, base
 
 
-def submit_merge(session: Session, spec: MergeSpec, key: str | None = None) -> tuple[Job, list[tuple[str, str]]]:
+def submit_merge(session: Session, spec: MergeSpec, key: str | None = None, store: Store | None = None,
+                 ) -> tuple[Job, list[tuple[str, str]]]:
+    """A Fisher counts as cached when its row exists and (given the store) its file is still there."""
     if (job := _existing(session, key)) is not None:
         return job, []
     from merging.fisher import cache_key
@@ -103,7 +106,8 @@ def submit_merge(session: Session, spec: MergeSpec, key: str | None = None) -> t
     if spec.method == "fisher":
         for m in rows:
             fisher_key = cache_key(m.sha256, fingerprint, spec.fisher)
-            if session.scalar(select(Fisher.id).where(Fisher.cache_key == fisher_key)) is None:
+            cached = session.scalar(select(Fisher.sha256).where(Fisher.cache_key == fisher_key))
+            if cached is None or (store is not None and not store.exists(cached)):
                 children.append(jobs.create(session, "fisher", {"model_id": m.id, "parent": parent_id,
                                                                 "settings": spec.fisher.model_dump()}))
     if spec.evaluate:

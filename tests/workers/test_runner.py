@@ -182,3 +182,39 @@ def test_jobs_on_an_s3_store(tmp_path, s3_endpoint):  # noqa: F811
         assert f"artifacts/dirs/{prep.result['fingerprint']}/.complete" in keys
     finally:
         b.stop()
+
+
+def _merge(res, spec: dict) -> Job:
+    from app.services.jobs import submit_merge
+    from workers.specs import MergeSpec
+
+    with res.session() as s:
+        job, send = submit_merge(s, MergeSpec(**spec), store=res.store)
+        s.commit()
+    for job_id, kind in send:
+        res.dispatch(job_id, kind)
+    return job
+
+
+def test_fisher_merge_fans_out_and_a_lost_fisher_file_is_computed_again(bg, dataset_id):
+    from app.db_models import Fisher
+
+    models = [wait(bg.res, submit(bg.res, "train", {"dataset_id": dataset_id, **TINY, "seed": i})).result["model_id"]
+              for i in (1, 2)]
+    spec = {"method": "fisher", "model_ids": models, "fisher": {"sampling": "topk", "n": 3}, "evaluate": False}
+    first = _merge(bg.res, spec)
+    assert len(first.payload["children"]) == 2
+    done = wait(bg.res, first.id)
+    assert done.status == "succeeded", done.error
+    with bg.res.session() as s:
+        fishers = s.scalars(select(Fisher)).all()
+    assert len(fishers) == 2 and all(bg.res.store.exists(f.sha256) for f in fishers)
+
+    bg.res.store.delete(fishers[0].sha256)  # an operator cleaned the store
+    second = _merge(bg.res, spec)
+    assert len(second.payload["children"]) == 1  # only the missing one is estimated again
+    done = wait(bg.res, second.id)
+    assert done.status == "succeeded", done.error
+    assert done.result["model_id"] == first.id or done.result["sha256"] == wait(bg.res, first.id).result["sha256"]
+    with bg.res.session() as s:
+        assert all(bg.res.store.exists(f.sha256) for f in s.scalars(select(Fisher)))
