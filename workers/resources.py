@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from app.db import make_engine, make_sessionmaker
-from app.db_models import Dataset, Model
+from app.db_models import Dataset, Job, Model
 from app.settings import Settings, get_settings
 from app.store import store_from_settings
 from models.errors import CheckpointError, DataError
@@ -60,7 +60,7 @@ class Resources:
         """A child ended: dispatch its parent if it was the last one."""
         with self.session() as s, s.begin():
             ready = jobs.release(s, parent_id)
-            kind = s.get(jobs.Job, parent_id).kind if ready else None
+            kind = s.get(Job, parent_id).kind if ready else None
         if ready:
             self.dispatch(parent_id, kind)
 
