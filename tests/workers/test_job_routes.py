@@ -4,29 +4,31 @@ Jobs here are never run (the app is built without its runner); running them is t
 from __future__ import annotations
 
 import pytest
+from fastapi.testclient import TestClient
 
-from tests.app.conftest import (
-    checkpoint_bytes,
-    interactions_csv,
-    make_service,  # noqa: F401
-)
+from app.main import create_app
+from tests.app.conftest import Service, checkpoint_bytes, interactions_csv, make_settings
 
 TOKEN = "job-token"
 
 
-@pytest.fixture
-def svc(make_service):  # noqa: F811
-    return make_service(token=TOKEN)
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory):
+    """One service for the module: every test compares job counts before and after, so they share it."""
+    root = tmp_path_factory.mktemp("jobs-api")
+    with TestClient(create_app(make_settings(root / "svc", API_TOKEN=TOKEN), jobs=False)) as client:
+        yield Service(client, TOKEN)
 
 
-@pytest.fixture
-def world(svc, tmp_path):
+@pytest.fixture(scope="module")
+def world(svc, tmp_path_factory):
     """Two datasets; on the first three models (two alike, one with another width), on the second one."""
+    tmp = tmp_path_factory.mktemp("ckpts")
     d1 = svc.upload_dataset(name="one")
     d2 = svc.upload_dataset(interactions_csv(seed=5), name="two")
 
     def recipe(ds, seed, **backbone):
-        r = svc.upload_recipe(checkpoint_bytes(tmp_path, ds["fingerprint"], ds["n_items"], seed=seed, **backbone),
+        r = svc.upload_recipe(checkpoint_bytes(tmp, ds["fingerprint"], ds["n_items"], seed=seed, **backbone),
                               ds["id"], name=f"r{seed}")
         assert r.status_code == 201, r.text
         return r.json()["id"]
@@ -130,11 +132,12 @@ def test_unknown_jobs_are_404(svc, world):
 
 def test_idempotency_key_returns_the_first_job(svc, world):
     h = {**svc.headers, "Idempotency-Key": "abc-1"}
+    before = svc.counts()["jobs"]
     first = svc.client.post("/train-jobs", json={"dataset_id": world["d1"]}, headers=h).json()
     second = svc.client.post("/train-jobs", json={"dataset_id": world["d1"], "epochs": 3}, headers=h).json()
-    assert first["id"] == second["id"] and svc.counts()["jobs"] == 1
+    assert first["id"] == second["id"] and svc.counts()["jobs"] == before + 1
     merge = {"method": "fisher", "model_ids": [world["a"], world["b"]], "fisher": {"sampling": "topk", "n": 2}}
     m1 = svc.client.post("/merge-jobs", json=merge, headers={**svc.headers, "Idempotency-Key": "m-1"})
     m2 = svc.client.post("/merge-jobs", json=merge, headers={**svc.headers, "Idempotency-Key": "m-1"})
     assert (m1.status_code, m2.status_code) == (202, 202) and m1.json()["id"] == m2.json()["id"]
-    assert svc.counts()["jobs"] == 1 + 1 + 4  # the train job, the merge job and its four sub-jobs
+    assert svc.counts()["jobs"] == before + 1 + 1 + 4  # the train job, the merge job and its four sub-jobs
