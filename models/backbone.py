@@ -22,13 +22,11 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, mask, last_only=False):  # x (B, T, D), mask (B, 1, T|1, T) bool, True = may attend
         B, T, D = x.shape
-        if last_only:  # one query (the final position) against every key: project the query for it alone
-            w, b = self.qkv.weight, self.qkv.bias
-            q = F.linear(x[:, -1:], w[:D], b[:D])
-            k, v = F.linear(x, w[D:], b[D:]).split(D, dim=2)
-            mask = mask[:, :, -1:]
-        else:
-            q, k, v = self.qkv(x).split(D, dim=2)
+        # Always through the qkv module, even when only the final query is needed: the per-example
+        # Fisher hooks modules, and slicing the weight by hand would bypass them.
+        q, k, v = self.qkv(x).split(D, dim=2)
+        if last_only:  # one query (the final position) against every key
+            q, mask = q[:, -1:], mask[:, :, -1:]
         Tq = q.shape[1]
         q = q.view(B, Tq, self.heads, D // self.heads).transpose(1, 2)  # (B, H, Tq, d)
         k, v = (t.view(B, T, self.heads, D // self.heads).transpose(1, 2) for t in (k, v))  # (B, H, T, d)
