@@ -3,7 +3,7 @@
 One function per figure, listed in FIGURES; each takes the loaded logs and the output directory and
 returns the file it wrote, or raises NoData when none of the logs holds what it draws.
 - k-stat:     SimThres k_stat per epoch, one line per log (thesis fig. 4.1)
-- k-learn:    mean ± std of the learned thresholds k_learn per epoch, k_stat for reference
+- k-learn:    mean ± std of the learned thresholds k_learn per epoch, beside the k_stat in use
 - similarity: histograms of in-batch view similarities at a few epochs, k_stat marked (thesis fig. 4.2)
 """
 
@@ -74,9 +74,10 @@ def fig_k_learn(logs: list[Log], out: Path) -> Path:
         (line,) = ax.plot(x, mean, marker="o", label=f"{log.label} k_learn")
         ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                         color=line.get_color(), alpha=0.25)
-        kx, ky = log.series("k_stat")
+        # g is regularised towards the threshold in use during the epoch (the previous epoch's k_stat).
+        kx, ky = log.series("k_threshold")
         if kx:
-            ax.plot(kx, ky, linestyle="--", color=line.get_color(), label=f"{log.label} k_stat")
+            ax.plot(kx, ky, linestyle="--", color=line.get_color(), label=f"{log.label} k_stat in use")
     ax.set(xlabel="epoch", ylabel="threshold", title="learned threshold k_learn (mean ± std) per epoch")
     ax.legend()
     return _save(fig, out / "k_learn.png")
