@@ -26,31 +26,11 @@ def register(sub) -> None:
     prep.set_defaults(func=run_prepare)
 
 
-def _progress_bars():
-    """A progress(stage, fraction) callback that draws one tqdm bar per stage (silent when not a tty)."""
-    from tqdm import tqdm
-
-    bars: dict[str, tqdm] = {}
-
-    def progress(stage: str, fraction: float) -> None:
-        bar = bars.get(stage)
-        if bar is None:
-            for other in bars.values():
-                other.close()
-            bar = bars[stage] = tqdm(total=100, desc=stage, leave=False, disable=None)
-        bar.update(int(fraction * 100) - bar.n)
-
-    def close() -> None:
-        for bar in bars.values():
-            bar.close()
-
-    return progress, close
-
-
 def run_prepare(args) -> int:
+    from app.progress import progress_bars
     from models.data import prepare_dataset
 
-    progress, close = _progress_bars()
+    progress, close = progress_bars()
     try:
         ds = prepare_dataset(args.source, args.out, fmt=args.format, min_user=args.min_user,
                              min_item=args.min_item, user_col=args.user_col, item_col=args.item_col,

@@ -53,12 +53,12 @@ def format_table(result: dict[str, dict[str, float]]) -> str:
 
 
 def run(args) -> int:
-    from app.commands.data import _progress_bars
+    from app.progress import progress_bars
     from models.evaluate import check_protocols, evaluate
 
     protocols = check_protocols(split_protocols(args.protocols))
     model, _, ds = open_model(args.checkpoint, args.data, args.device)
-    progress, close = _progress_bars()
+    progress, close = progress_bars()
     try:
         result: dict = evaluate(model, ds, split=args.split, protocols=protocols, seed=args.seed,
                                 batch_size=args.batch_size, progress=progress)

@@ -135,7 +135,7 @@ def _metrics_table(args, ds, paths: list[tuple[str, str]]) -> str:
 
 
 def run(args) -> int:
-    from app.commands.data import _progress_bars
+    from app.progress import progress_bars
     from merging.merge import merge_checkpoints
     from models.errors import RecmergeError
 
@@ -156,7 +156,7 @@ def run(args) -> int:
         ds = _load_dataset(args, needs_data[0])
         _check_dataset(ds, args.checkpoints + ([args.base] if args.base else []))
 
-    progress, close = _progress_bars()
+    progress, close = progress_bars()
     try:
         fishers = args.fisher
         if args.method == "fisher" and not fishers:
