@@ -204,3 +204,18 @@ def test_contrastive_loss_reaches_the_backbone_and_g_through_a_training_step():
     stats = recipe.end_epoch()
     assert stats["k_stat"] is not None and stats["k_learn_std"] >= 0
     assert sum(stats["similarity_histogram"]["counts"]) == 2 * (16 * 14 // 2)  # two InfoNCE terms, 2N = 16
+
+
+def test_false_negative_masking_inside_a_recipe_only_removes_negatives():
+    model = tiny_model("sasrec").eval()  # no dropout: both calls see the very same views
+    rng = np.random.default_rng(0)
+    samples = [np.append(rng.integers(1, 31, size=5), t) for t in (3, 3, 3, 7, 7, 9, 11, 3)]
+    losses = {}
+    for mask in (False, True):
+        recipe = make_recipe("duorec-sup", model, mask_false_negatives=mask)
+        recipe.setup(samples)
+        _, logs = recipe.loss(model, TrainBatch(samples, np.arange(8), np.random.default_rng(1)))
+        losses[mask] = logs["cl_loss"]
+    # Same views, same positives; masking drops the same-target views (here most of the batch) from the
+    # denominators, so the loss can only go down, and with this many repeats it does.
+    assert losses[True] < losses[False] - 0.1

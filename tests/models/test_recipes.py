@@ -132,11 +132,19 @@ def test_cli_refuses_a_flag_of_another_recipe_without_a_traceback(planted, tmp_p
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_init_from_another_backbone_is_refused_for_a_contrastive_recipe(planted, tmp_path):
+def test_init_from_another_backbone_size_or_dataset_is_refused_for_a_contrastive_recipe(planted, tmp_path):
     base = train(planted, TrainConfig(epochs=1, **TINY), tmp_path / "base.safetensors")
+    init = str(base.checkpoint)
     with pytest.raises(IncompatibleError, match="kind: checkpoint bert4rec vs requested sasrec"):
-        train(planted, TrainConfig(recipe="ehrec-learn", backbone="sasrec", epochs=1, init=str(base.checkpoint),
-                                   **TINY), tmp_path / "tuned.safetensors")
+        train(planted, TrainConfig(recipe="ehrec-learn", backbone="sasrec", epochs=1, init=init, **TINY),
+              tmp_path / "tuned.safetensors")
+    with pytest.raises(IncompatibleError, match="hidden: checkpoint 32 vs requested 64"):
+        train(planted, TrainConfig(recipe="cl4srec", epochs=1, init=init, **{**TINY, "hidden": 64}),
+              tmp_path / "tuned.safetensors")
+    other = make_planted_dataset(tmp_path / "other", n_users=200, n_items=50, seed=1)
+    with pytest.raises(IncompatibleError, match="trained on dataset .* not on this dataset"):
+        train(other, TrainConfig(recipe="duorec", epochs=1, init=init, **TINY), tmp_path / "tuned.safetensors")
+    assert not (tmp_path / "tuned.safetensors").exists()
     # The same recipe from a matching base trains (fine-tune setting) and starts from the base's quality.
     tuned = train(planted, TrainConfig(recipe="ehrec-learn", epochs=1, init=str(base.checkpoint), **TINY),
                   tmp_path / "tuned.safetensors")
