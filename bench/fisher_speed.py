@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import machine  # noqa: E402
 from merging.fisher_compute import compute_fisher  # noqa: E402
 from merging.item_selection import select_items  # noqa: E402
 from models.backbone import SeqRecModel  # noqa: E402
@@ -38,19 +38,6 @@ from models.data import PreparedDataset, prepare_dataset  # noqa: E402
 
 class _Enough(Exception):
     """Raised from a progress callback to end a timed run early."""
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-            f"Python {platform.python_version()}")
 
 
 def library_rate(model, seqs, targets, sampling, n, computation, batch_size, partial=None) -> float:
@@ -160,7 +147,7 @@ def main() -> None:
     lines = [
         "# Fisher estimation speed (thesis fig. 4.4)", "",
         f"Command: `nice -n 5 {' '.join(['.venv/bin/python'] + sys.argv)}`", "",
-        f"Machine: {machine()}. The CPU is shared with other engineers' jobs: load average "
+        f"Machine: {machine.line()}. The CPU is shared with other engineers' jobs: load average "
         f"{load_before[0]:.1f} before and {load_after[0]:.1f} after the {minutes:.1f}-minute run, so absolute "
         "rates are low and noisy; the ratios compare methods measured alternately in the same run.", "",
         f"Model: bert4rec backbone, hidden 64, 2 layers, 2 heads, inner 256, max_len {args.max_len}, random "

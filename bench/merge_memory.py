@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -26,16 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import machine  # noqa: E402
+
 M = 3  # checkpoints (and Fishers)
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               "unknown")
-    mem = {line.split(":")[0]: int(line.split()[1]) for line in open("/proc/meminfo")}
-    return {"cpu": cpu, "nproc": os.cpu_count(), "ram_gib": mem["MemTotal"] / 2**20,
-            "available_gib": mem["MemAvailable"] / 2**20, "python": platform.python_version(),
-            "loadavg": open("/proc/loadavg").read().split()[:3]}
 
 
 def mem_available() -> int:
@@ -268,7 +260,7 @@ def main() -> None:
     free = shutil.disk_usage(parent).free
     if free < need_disk:
         raise SystemExit(f"{parent}: {free / 1e9:.1f} GB free, the benchmark needs {need_disk / 1e9:.1f} GB")
-    mach = machine()
+    mach = machine.describe(with_torch=False)
     work = Path(tempfile.mkdtemp(prefix="merge_memory.", dir=parent))
     try:
         t0 = time.perf_counter()

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import machine  # noqa: E402
 from merging.fisher import estimate_fisher  # noqa: E402
 from merging.merge import merge_checkpoints  # noqa: E402
 from models.backbone import SeqRecModel  # noqa: E402
@@ -88,6 +87,7 @@ def main() -> None:
     missing = [str(p) for p in paths.values() if not p.exists()]
     if missing:
         sys.exit(f"missing ingredients (run bench/recipes.py first): {', '.join(missing)}")
+    machine_line = machine.line()
     out_dir = work / "merges"
     out_dir.mkdir(exist_ok=True)
     t_all = time.perf_counter()
@@ -150,8 +150,7 @@ def main() -> None:
     lines = [
         f"# Merge quality on {args.dataset} (fine-tune setting)", "",
         f"Command: `{' '.join(['.venv/bin/python'] + sys.argv)}`", "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; load average at the end {open('/proc/loadavg').read().split()[:3]}; "
+        f"Machine: {machine_line}; load average at the end {' '.join(machine.loadavg())}; "
         f"total {(time.perf_counter() - t_all) / 60:.1f} min.", "",
         f"Dataset: {ds.n_users} users, {ds.n_items} items. Ingredients: {', '.join(names)} (each trained from the "
         f"bert4rec base by bench/recipes.py). Fishers: {args.computation}, "

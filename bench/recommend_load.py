@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import re
 import shutil
@@ -31,6 +30,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench import machine  # noqa: E402
 from models.backbone import SeqRecModel  # noqa: E402
 from models.checkpoint import CheckpointMeta, save_checkpoint  # noqa: E402
 from models.config import BackboneConfig  # noqa: E402
@@ -158,12 +158,6 @@ def wrk_load(port: int, paths: list[str], concurrency: int, duration: float, wor
 
 
 # --- the run --------------------------------------------------------------------------------------
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               "unknown CPU")
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--source", type=Path, default=REPO.parent / "shared" / "data" / "ml-1m" / "ml-1m.seq.tsv")
@@ -236,7 +230,8 @@ def render(rows: list[dict], args, generator: str) -> str:
         "",
         f"Command: `{cmd}`",
         "",
-        f"Machine: {machine()}. Server: uvicorn, 1 worker process, `--no-access-log`, embedded settings "
+        f"Machine: {machine.line(with_torch=False)}. Server: uvicorn, 1 worker process, `--no-access-log`, "
+        f"embedded settings "
         f"(SQLite, local store), torch threads {args.torch_threads or 'default (half the cores)'}. "
         f"Load generator: {generator} on the same machine, {args.duration:g} s per row, keep-alive connections.",
         "",

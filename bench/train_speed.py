@@ -8,8 +8,6 @@ measured side by side in one process; optionally a budgeted training run for tes
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -21,25 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import machine  # noqa: E402
 from models.backbone import SeqRecModel  # noqa: E402
 from models.batching import length_batches  # noqa: E402
 from models.data import PreparedDataset, prepare_dataset  # noqa: E402
 from models.recipes import TrainBatch, recipe_class, recipe_options  # noqa: E402
 from models.train import TrainConfig, backbone_config, build_samples, train  # noqa: E402
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = open("/proc/loadavg").read().split()[:3]
-    return (f"{cpu}, {os.cpu_count()} cores (load average {' '.join(load)} at the start, shared with other work), "
-            f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, Python {platform.python_version()}")
 
 
 def step_rate(model, recipe, opt, samples, batches, rng) -> float:
@@ -98,7 +83,7 @@ def main() -> None:
     lines = [
         "# Training speed: bert4rec on ml-1m", "",
         f"Command: `{' '.join(['.venv/bin/python'] + sys.argv)}`", "",
-        f"Machine: {machine()}", "",
+        f"Machine: {machine.line()}", "",
         f"Dataset: {ds.n_users} users, {ds.n_items} items, {len(samples)} training samples "
         f"(windows of ≤{cfg.max_len}), mean length {lengths.mean():.1f}; batch {cfg.batch_size}, "
         f"hidden {cfg.hidden}, {cfg.layers} layers, {cfg.heads} heads, max_len {cfg.max_len}.", "",
