@@ -34,12 +34,13 @@ from merging.item_selection import NEEDS_N
 from models.checkpoint import (
     CREATED_BY,
     atomic_save,
+    check_trained_on,
     file_sha256,
     load_model,
     read_metadata,
     read_raw_metadata,
 )
-from models.errors import CheckpointError, DataError, IncompatibleError, RecmergeError
+from models.errors import CheckpointError, DataError, RecmergeError
 
 FORMAT = "recmerge-fisher/1"
 Progress = Callable[[str, float], None]
@@ -139,12 +140,7 @@ def estimate_fisher(ckpt_path: str | os.PathLike, ds, settings: FisherSettings |
     settings = parse_settings(settings)
     if out is None and cache_dir is None:
         raise RecmergeError("estimate_fisher needs an output path or a cache directory")
-    meta = read_metadata(ckpt_path)
-    if meta.dataset_fingerprint != ds.fingerprint:
-        raise IncompatibleError(f"{ckpt_path}: trained on dataset fingerprint {meta.dataset_fingerprint[:16]}, "
-                                f"but the dataset has fingerprint {ds.fingerprint[:16]}")
-    if meta.n_items != ds.n_items:
-        raise IncompatibleError(f"{ckpt_path}: checkpoint has {meta.n_items} items, the dataset has {ds.n_items}")
+    check_trained_on(read_metadata(ckpt_path), ds, str(ckpt_path))
     if settings.n is not None and settings.n > ds.n_items:
         raise RecmergeError(f"n={settings.n} exceeds the dataset's {ds.n_items} items")
     ckpt_sha = file_sha256(ckpt_path)

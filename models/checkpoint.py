@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from models.config import BackboneConfig
-from models.errors import CheckpointError
+from models.errors import CheckpointError, IncompatibleError
 
 FORMAT = "recmerge/1"
 CREATED_BY = "recmerge 0.1.0"
@@ -124,6 +124,15 @@ def parse_metadata(head: dict[str, str], where: str = "checkpoint") -> Checkpoin
 
 def read_metadata(path: str | os.PathLike) -> CheckpointMeta:
     return parse_metadata(read_raw_metadata(path), where=str(path))
+
+
+def check_trained_on(meta: CheckpointMeta, ds, where: str) -> None:
+    """Refuse to use a checkpoint with a dataset it was not trained on (SPEC §2: fingerprints must match)."""
+    if meta.dataset_fingerprint != ds.fingerprint:
+        raise IncompatibleError(f"{where}: trained on dataset fingerprint {meta.dataset_fingerprint[:16]}, "
+                                f"but the dataset has fingerprint {ds.fingerprint[:16]}")
+    if meta.n_items != ds.n_items:
+        raise IncompatibleError(f"{where}: checkpoint has {meta.n_items} items, the dataset has {ds.n_items}")
 
 
 DTYPE_NAMES = {

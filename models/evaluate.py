@@ -327,12 +327,7 @@ def popularity_scorer(popularity: np.ndarray) -> Scorer:
 
 def load_for_dataset(path: str | os.PathLike, ds, device: str | torch.device = "cpu"):
     """load_model, refusing a checkpoint trained on another dataset (fingerprints must match)."""
-    from models.checkpoint import load_model, read_metadata
+    from models.checkpoint import check_trained_on, load_model, read_metadata
 
-    meta = read_metadata(path)
-    if meta.dataset_fingerprint != ds.fingerprint:
-        raise IncompatibleError(f"{path}: trained on dataset fingerprint {meta.dataset_fingerprint[:16]}, "
-                                f"but the dataset has fingerprint {ds.fingerprint[:16]}")
-    if meta.n_items != ds.n_items:
-        raise IncompatibleError(f"{path}: checkpoint has {meta.n_items} items, the dataset has {ds.n_items}")
+    check_trained_on(read_metadata(path), ds, str(path))
     return load_model(path, device=device)

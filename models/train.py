@@ -15,7 +15,7 @@ import torch
 
 from models.backbone import SeqRecModel
 from models.batching import length_batches
-from models.checkpoint import CREATED_BY, CheckpointMeta, load_checkpoint, save_checkpoint
+from models.checkpoint import CREATED_BY, CheckpointMeta, check_trained_on, load_checkpoint, save_checkpoint
 from models.config import BackboneConfig
 from models.errors import IncompatibleError, RecmergeError
 from models.recipes import TrainBatch, recipe_class, recipe_options
@@ -96,11 +96,9 @@ def backbone_config(cfg: TrainConfig, n_items: int) -> BackboneConfig:
         raise RecmergeError(str(e)) from None
 
 
-def load_init(path: str, bcfg: BackboneConfig, fingerprint: str) -> dict[str, torch.Tensor]:
+def load_init(path: str, bcfg: BackboneConfig, ds) -> dict[str, torch.Tensor]:
     state, meta = load_checkpoint(path)
-    if meta.dataset_fingerprint != fingerprint:
-        raise IncompatibleError(f"--init {path}: trained on dataset {meta.dataset_fingerprint[:12]}, "
-                                f"not on this dataset ({fingerprint[:12]})")
+    check_trained_on(meta, ds, f"--init {path}")
     mine, theirs = asdict(bcfg), asdict(meta.backbone)
     # Dropout is a training choice, not part of the parameters; everything else must agree.
     diff = [k for k in mine if k != "dropout" and mine[k] != theirs[k]]
@@ -129,7 +127,7 @@ def train(ds, cfg: TrainConfig, out: str | Path, progress: Progress | None = Non
     options = recipe_options(cfg.recipe, cfg.options)
     bcfg = backbone_config(cfg, ds.n_items)
     device = resolve_device(cfg.device)
-    init_state = load_init(cfg.init, bcfg, ds.fingerprint) if cfg.init else None
+    init_state = load_init(cfg.init, bcfg, ds) if cfg.init else None
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)

@@ -142,7 +142,7 @@ def test_init_from_another_backbone_size_or_dataset_is_refused_for_a_contrastive
         train(planted, TrainConfig(recipe="cl4srec", epochs=1, init=init, **{**TINY, "hidden": 64}),
               tmp_path / "tuned.safetensors")
     other = make_planted_dataset(tmp_path / "other", n_users=200, n_items=50, seed=1)
-    with pytest.raises(IncompatibleError, match="trained on dataset .* not on this dataset"):
+    with pytest.raises(IncompatibleError, match="--init .*trained on dataset fingerprint .*but the dataset has"):
         train(other, TrainConfig(recipe="duorec", epochs=1, init=init, **TINY), tmp_path / "tuned.safetensors")
     assert not (tmp_path / "tuned.safetensors").exists()
     # The same recipe from a matching base trains (fine-tune setting) and starts from the base's quality.

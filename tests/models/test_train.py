@@ -76,7 +76,7 @@ def test_init_refuses_other_backbone_size_or_dataset(planted, trained, tmp_path)
         train(planted, TrainConfig(epochs=1, init=str(base.checkpoint), backbone="sasrec", **SMALL),
               tmp_path / "x.safetensors")
     other = make_planted_dataset(tmp_path / "other", n_users=120, n_items=50, seed=5)
-    with pytest.raises(IncompatibleError, match="trained on dataset"):
+    with pytest.raises(IncompatibleError, match="--init .*trained on dataset fingerprint"):
         train(other, TrainConfig(epochs=1, init=str(base.checkpoint), **SMALL), tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
 
