@@ -13,7 +13,7 @@ from app.cli import main
 from merging.merge import build_method, merge_state_dicts
 from models.checkpoint import file_sha256, load_checkpoint, read_metadata
 from models.config import BackboneConfig
-from tests.merging.factory import make_checkpoint, make_fisher
+from tests.merging.factory import make_checkpoint, make_merge_inputs
 from tests.synthetic import make_planted_dataset
 
 
@@ -25,14 +25,7 @@ def run_cli(capsys, *argv):
 
 @pytest.fixture
 def files(tmp_path):
-    ckpts = [tmp_path / f"c{i}.safetensors" for i in range(2)]
-    for i, c in enumerate(ckpts):
-        make_checkpoint(c, seed=i)
-    fishers = [tmp_path / f"f{i}.safetensors" for i in range(2)]
-    for i, (f, c) in enumerate(zip(fishers, ckpts)):
-        make_fisher(f, c, seed=i)
-    base = tmp_path / "base.safetensors"
-    make_checkpoint(base, seed=9)
+    ckpts, fishers, base = make_merge_inputs(tmp_path, 2, base_seed=9)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     return ckpts, fishers, base, out_dir

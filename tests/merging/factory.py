@@ -48,3 +48,16 @@ def make_fisher(path, checkpoint, seed: int, fisher: dict | None = None, fingerp
     save_file(fisher, str(path), metadata={"checkpoint_sha256": sha256 or file_sha256(checkpoint),
                                            "dataset_fingerprint": fingerprint, "sampling": "exact"})
     return fisher
+
+
+def make_merge_inputs(directory, n: int, base_seed: int, extra: dict | None = None):
+    """n checkpoints (seeds 0..n-1) with their Fishers and a base checkpoint, written into `directory`."""
+    ckpts = [directory / f"c{i}.safetensors" for i in range(n)]
+    for i, p in enumerate(ckpts):
+        make_checkpoint(p, seed=i, extra={k: v.format(i=i) for k, v in (extra or {}).items()})
+    fishers = [directory / f"f{i}.safetensors" for i in range(n)]
+    for i, (f, c) in enumerate(zip(fishers, ckpts)):
+        make_fisher(f, c, seed=i)
+    base = directory / "base.safetensors"
+    make_checkpoint(base, seed=base_seed)
+    return ckpts, fishers, base

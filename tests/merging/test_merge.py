@@ -13,7 +13,15 @@ from merging.merge import build_method, merge_checkpoints, merge_state_dicts
 from models.checkpoint import CREATED_BY, file_sha256, load_checkpoint, load_model
 from models.config import BackboneConfig
 from models.errors import CheckpointError, IncompatibleError
-from tests.merging.factory import CFG, FINGERPRINT, make_checkpoint, make_fisher, tiny_state, write_raw
+from tests.merging.factory import (
+    CFG,
+    FINGERPRINT,
+    make_checkpoint,
+    make_fisher,
+    make_merge_inputs,
+    tiny_state,
+    write_raw,
+)
 
 
 @pytest.fixture
@@ -21,14 +29,7 @@ def world(tmp_path):
     """Three checkpoints with Fishers, a base, and an empty output directory."""
     src = tmp_path / "in"
     src.mkdir()
-    ckpts = [src / f"c{i}.safetensors" for i in range(3)]
-    for i, p in enumerate(ckpts):
-        make_checkpoint(p, seed=i, extra={"run": f"run{i}", "team": "recsys"})
-    fishers = [src / f"f{i}.safetensors" for i in range(3)]
-    for i, (f, c) in enumerate(zip(fishers, ckpts)):
-        make_fisher(f, c, seed=i)
-    base = src / "base.safetensors"
-    make_checkpoint(base, seed=99)
+    ckpts, fishers, base = make_merge_inputs(src, 3, base_seed=99, extra={"run": "run{i}", "team": "recsys"})
     out = tmp_path / "out"
     out.mkdir()
     return {"ckpts": ckpts, "fishers": fishers, "base": base, "out": out, "src": src}
