@@ -1,6 +1,7 @@
 """What must hold before checkpoints (and their base and Fishers) may be merged. Header checks run
 before any output is opened; the value checks (NaN/Inf, negative Fisher entries) run on each block as it
-streams, which is why the engine writes to a temporary file that it deletes on failure."""
+streams, and a Fisher's checkpoint sha256 is compared once the merge has read (and so hashed) that
+checkpoint, which is why the engine writes to a temporary file that it deletes on failure."""
 
 from __future__ import annotations
 
@@ -82,19 +83,27 @@ def check_same_tensors(ref: SafetensorsReader, other: SafetensorsReader, dtypes:
                                     "it cannot be averaged")
 
 
-def check_fisher(fisher: SafetensorsReader, ckpt: Ingredient, ckpt_sha256: str) -> None:
-    """A Fisher belongs to exactly one checkpoint (by sha256) and one dataset, with its tensor layout."""
+def check_fisher(fisher: SafetensorsReader, ckpt: Ingredient, ckpt_sha256: str | None) -> None:
+    """A Fisher belongs to exactly one checkpoint (by sha256) and one dataset, with its tensor layout.
+    With `ckpt_sha256=None` (not known yet) everything but the sha256 is checked; `check_fisher_checkpoint`
+    does the rest once it is."""
     md = fisher.metadata
     for key in ("checkpoint_sha256", "dataset_fingerprint"):
         if key not in md:
             raise IncompatibleError(f"{fisher.path}: Fisher metadata field {key!r} is missing")
-    if md["checkpoint_sha256"] != ckpt_sha256:
-        raise IncompatibleError(f"{fisher.path}: Fisher was computed for checkpoint sha256 "
-                                f"{md['checkpoint_sha256'][:12]}…, but {ckpt.path} has {ckpt_sha256[:12]}…")
+    if ckpt_sha256 is not None:
+        check_fisher_checkpoint(fisher, ckpt, ckpt_sha256)
     if md["dataset_fingerprint"] != ckpt.meta.dataset_fingerprint:
         raise IncompatibleError(f"{fisher.path}: Fisher dataset_fingerprint {md['dataset_fingerprint'][:12]}… "
                                 f"differs from {ckpt.path}'s {ckpt.meta.dataset_fingerprint[:12]}…")
     check_same_tensors(ckpt.reader, fisher, dtypes=False)
+
+
+def check_fisher_checkpoint(fisher: SafetensorsReader, ckpt: Ingredient, ckpt_sha256: str) -> None:
+    md = fisher.metadata
+    if md["checkpoint_sha256"] != ckpt_sha256:
+        raise IncompatibleError(f"{fisher.path}: Fisher was computed for checkpoint sha256 "
+                                f"{md['checkpoint_sha256'][:12]}…, but {ckpt.path} has {ckpt_sha256[:12]}…")
 
 
 def check_values(block: torch.Tensor, name: str, path, fisher: bool = False) -> None:

@@ -89,6 +89,53 @@ class SafetensorsReader:
             os.close(self._fd)
             raise
         self.bytes_read = 0
+        self._sha = None  # while hash_as_read is on: sha256 of bytes 0.._hashed_to of the file
+        self._hashed_to = 0
+
+    def hash_as_read(self, order: list[str]) -> bool:
+        """From now on, feed every byte `read` returns to a sha256 of the whole file, so a merge that reads
+        the file front to back gets its digest without a second pass. Bytes no read covers (the header,
+        padding, gaps, a tail) are read and hashed when the reads pass them or in `finish_hash`.
+        False, and nothing is hashed, when reading the tensors in `order` would not go front to back."""
+        end = 0
+        for name in order:
+            info = self.tensors[name]
+            if info.nbytes:  # an empty tensor is never read
+                if info.offset < end:
+                    return False
+                end = info.offset + info.nbytes
+        self._sha, self._hashed_to = hashlib.sha256(), 0
+        return True
+
+    def finish_hash(self) -> str | None:
+        """The file's sha256 (hashing what is left after the last read), or None when hashing was not on or
+        some read went backwards since `hash_as_read`: hash the file separately then."""
+        if self._sha is None:
+            return None
+        self._hash_upto(None)
+        digest, self._sha = self._sha.hexdigest(), None
+        return digest
+
+    def _hash_upto(self, end: int | None) -> None:
+        """Read and hash the bytes from where hashing stopped up to `end` (the end of the file for None)."""
+        while end is None or self._hashed_to < end:
+            want = 1 << 20 if end is None else min(1 << 20, end - self._hashed_to)
+            data = os.pread(self._fd, want, self._hashed_to)
+            if not data:
+                if end is not None:
+                    raise CheckpointError(f"{self.path}: file ended at byte {self._hashed_to}, expected {end}")
+                return
+            self._sha.update(data)
+            self._hashed_to += len(data)
+            self.bytes_read += len(data)
+
+    def _hash_read(self, at: int, data) -> None:
+        if at < self._hashed_to:  # out of file order: this hash can no longer be right
+            self._sha = None
+            return
+        self._hash_upto(at)
+        self._sha.update(data)
+        self._hashed_to = at + data.nbytes
 
     @property
     def names(self) -> list[str]:  # in file order, so a pass over them reads the file sequentially
@@ -107,6 +154,8 @@ class SafetensorsReader:
                 if got == 0:
                     raise CheckpointError(f"{self.path}: file ended inside tensor {name!r}")
                 pos += got
+            if self._sha is not None:
+                self._hash_read(at, view)
             # Reads go forward through the file: ask for the next range now, so the disk works while we compute.
             os.posix_fadvise(self._fd, at + n, n, os.POSIX_FADV_WILLNEED)
             if self.drop_cache:
@@ -136,35 +185,73 @@ def row_blocks(info: TensorInfo, chunk_bytes: int) -> list[tuple[int, int]]:
     return [(i, min(i + step, info.rows)) for i in range(0, info.rows, step)]
 
 
+def header_bytes(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length and JSON header of a file holding `entries` back to back, metadata in its given order."""
+    header, off = {}, 0
+    if metadata:
+        header["__metadata__"] = metadata
+    for name, dtype, shape in entries:
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [off, off + nbytes]}
+        off += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # safetensors pads the header so tensor data starts 8-aligned
+    return struct.pack("<Q", len(blob)) + blob
+
+
 class SafetensorsWriter:
     """Writes a safetensors file whose header is known up front, then tensors in header order (each may
     arrive in several row blocks). Nothing appears at `path` until `commit`; a writer left without a
-    commit (an exception, a failed check) deletes its temporary file."""
+    commit (an exception, a failed check) deletes its temporary file.
+
+    With `provisional=True` the metadata is a stand-in of the final length (values learnt only while the
+    tensors stream, such as the inputs' sha256): `rewrite_header` must put the real one in before `commit`,
+    which then reads the file back once to hash it."""
 
     def __init__(self, path: str | os.PathLike, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str]):
+                 metadata: dict[str, str], provisional: bool = False):
         self.path = Path(path)
-        header, self._plan, off = {}, [], 0
-        if metadata:
-            header["__metadata__"] = metadata
-        for name, dtype, shape in entries:
-            nbytes = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [off, off + nbytes]}
-            self._plan.append((name, dtype, nbytes))
-            off += nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # safetensors pads the header so tensor data starts 8-aligned
+        self._entries = list(entries)
+        self._plan = [(name, dtype, math.prod(shape) * dtype.itemsize) for name, dtype, shape in self._entries]
+        head = header_bytes(self._entries, metadata)
+        self._head_len = len(head)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         self._f = os.fdopen(fd, "wb")
-        self._sha = hashlib.sha256()
+        # A running hash would cover the stand-in header, which the final file does not hold.
+        self._sha = None if provisional else hashlib.sha256()
+        self._provisional = provisional
         self._index, self._left = 0, self._plan[0][2] if self._plan else 0
-        self._put(struct.pack("<Q", len(blob)) + blob)
+        self._put(head)
         self.sha256: str | None = None
+        self.bytes_reread = 0  # what commit read back to hash a rewritten file
 
     def _put(self, data) -> None:
         self._f.write(data)
-        self._sha.update(data)
+        if self._sha is not None:
+            self._sha.update(data)
+
+    def rewrite_header(self, metadata: dict[str, str]) -> None:
+        """Replace the provisional metadata in the header already written; it must serialise to the same length,
+        since the tensor data behind it stays where it is."""
+        if not self._provisional:
+            raise RuntimeError("writer: rewrite_header needs a writer opened with provisional=True")
+        head = header_bytes(self._entries, metadata)
+        if len(head) != self._head_len:
+            raise RuntimeError(f"writer: the new header is {len(head)} bytes, the provisional one {self._head_len}")
+        self._f.flush()
+        os.pwrite(self._f.fileno(), head, 0)  # pwrite leaves the append position alone
+        self._provisional = False
+
+    def _hash_back(self) -> str:
+        sha, fd = hashlib.sha256(), os.open(self.tmp, os.O_RDONLY)
+        try:
+            while data := os.read(fd, 1 << 20):
+                sha.update(data)
+                self.bytes_reread += len(data)
+        finally:
+            os.close(fd)
+        return sha.hexdigest()
 
     def write(self, name: str, block: torch.Tensor) -> None:
         """Append `block` (the whole tensor or its next rows) to tensor `name`, which must be the current one."""
@@ -195,8 +282,13 @@ class SafetensorsWriter:
         if self._index < len(self._plan):
             self.abort()
             raise RuntimeError(f"writer: tensor {self._plan[self._index][0]!r} was never (fully) written")
+        if self._provisional:
+            self.abort()
+            raise RuntimeError("writer: the provisional header was never rewritten")
         try:
             self._f.flush()
+            # Just written, so normally still in the page cache: this reads memory, not disk.
+            sha = self._sha.hexdigest() if self._sha is not None else self._hash_back()
             os.fsync(self._f.fileno())
             self._f.close()
             os.replace(self.tmp, self.path)
@@ -208,7 +300,7 @@ class SafetensorsWriter:
             os.fsync(dfd)  # make the rename itself durable
         finally:
             os.close(dfd)
-        self.sha256 = self._sha.hexdigest()
+        self.sha256 = sha
         return self.sha256
 
     def abort(self) -> None:

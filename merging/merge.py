@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from merging.compat import Ingredient, check_fisher, check_same_model, check_values
+from merging.compat import Ingredient, check_fisher, check_fisher_checkpoint, check_same_model, check_values
 from merging.io import SafetensorsReader, SafetensorsWriter, row_blocks
 from merging.methods import MergeMethod, MergeOptionsError, get_method
 from merging.methods.base import TensorInputs
@@ -38,9 +38,10 @@ class MergeResult:
     sha256: str
     method: str
     metadata: dict[str, str]
-    bytes_read: int  # over every pass: Fisher norms, greedy-soup candidates and the merge itself
+    bytes_read: int  # inputs, over every pass: sha256 (when separate), Fisher norms, greedy-soup candidates, merge
     seconds: float
     stats: dict[str, Any] = field(default_factory=dict)
+    output_reread: int = 0  # bytes of the output read back to hash it after its header was rewritten
 
 
 def build_method(name: str, n_models: int, options: dict[str, Any] | None = None,
@@ -192,13 +193,20 @@ def merge_checkpoints(method: str, checkpoints: Sequence[str | os.PathLike], out
         fisher_readers = [stack.enter_context(SafetensorsReader(p)) for p in fishers] if fishers else None
 
         hashed = ings + ([base_ing] if base_ing else [])
-        shas = []
-        for k, ing in enumerate(hashed):
-            shas.append(file_sha256(ing.path))
-            report("hash", (k + 1) / len(hashed))
-        base_sha = shas.pop() if base_ing else None
+        # The digests go into the header, which is written first. Normally the merge pass hashes each input
+        # as it reads it front to back, and the header is rewritten at the end (see _finish_hashes). Greedy
+        # soup cannot: it reads its candidates several times, and its last pass reads only the kept ones.
+        shas: list[str | None] = [None] * len(hashed)
+        separately = 0  # bytes read by a separate hashing pass
+        if m.needs_score:
+            for k, ing in enumerate(hashed):
+                shas[k] = file_sha256(ing.path)
+                separately += ing.path.stat().st_size
+                report("hash", (k + 1) / len(hashed))
         if fisher_readers:
             for f, ing, sha in zip(fisher_readers, ings, shas):
+                # With sha None the sha256 is compared after the merge pass, before the commit: knowing it now
+                # would cost a separate read of every checkpoint, and a mismatch still leaves nothing behind.
                 check_fisher(f, ing, sha)
         if m.needs_fisher_norms:
             with torch_threads(threads):
@@ -210,18 +218,48 @@ def merge_checkpoints(method: str, checkpoints: Sequence[str | os.PathLike], out
             selection = _greedy(m, ings, score, chunk_bytes, report)
             used = [ings[i] for i in selection["kept"]]
 
-        # Everything the header needs is known now; it goes first, so the tensors can stream after it.
-        metadata = _merged_metadata(m, ings, shas, base_sha, fisher_readers, selection)
+        def metadata_for(digests: list[str | None]) -> dict[str, str]:
+            # A digest not known yet stands in as 64 zeros: same length, so the header keeps its size.
+            final = [d or _NO_DIGEST for d in digests]
+            return _merged_metadata(m, ings, final[:n], final[n] if base_ing else None, fisher_readers, selection)
+
+        # Everything the header needs but the digests is known now; it goes first, so the tensors can stream after it.
+        provisional = None in shas
+        metadata = metadata_for(shas)
         entries = [(name, info.dtype, info.shape) for name, info in ings[0].reader.tensors.items()]
         for r in [i.reader for i in used] + ([base_ing.reader] if base_ing else []) + (fisher_readers or []):
             r.drop_cache = True  # the last pass over the inputs
-        with SafetensorsWriter(out, entries, metadata) as writer, torch_threads(threads):
+        with SafetensorsWriter(out, entries, metadata, provisional=provisional) as writer, torch_threads(threads):
+            if provisional:
+                for ing in hashed:  # one laid out unlike the first checkpoint is hashed on its own afterwards
+                    ing.reader.hash_as_read(list(ings[0].reader.tensors))
             _stream(m, used, base_ing, fisher_readers, writer.write, chunk_bytes, lambda f: report("merge", f))
+            if provisional:
+                shas, extra = _finish_hashes(hashed, report)
+                separately += extra
+                for f, ing, sha in zip(fisher_readers or [], ings, shas):
+                    check_fisher_checkpoint(f, ing, sha)  # a refusal here still leaves nothing behind
+                metadata = metadata_for(shas)
+                writer.rewrite_header(metadata)
             sha = writer.commit()
-        read = sum(r.bytes_read for r in [i.reader for i in ings] + ([base_ing.reader] if base_ing else [])
-                   + (fisher_readers or []))
+        read = separately + sum(r.bytes_read for r in [i.reader for i in ings] + ([base_ing.reader] if base_ing else [])
+                                + (fisher_readers or []))
     stats = {"fallback_entries": m.fallback_entries} if hasattr(m, "fallback_entries") else {}
-    return MergeResult(out, sha, m.name, metadata, read, time.perf_counter() - t0, stats)
+    return MergeResult(out, sha, m.name, metadata, read, time.perf_counter() - t0, stats, writer.bytes_reread)
+
+
+_NO_DIGEST = "0" * 64
+
+
+def _finish_hashes(hashed: list[Ingredient], report) -> tuple[list[str], int]:
+    """Each input's sha256 from the merge pass; an input whose tensors were not read in file order (its
+    layout differs from the first checkpoint's) is hashed again on its own. Also returns the bytes that took."""
+    shas = [ing.reader.finish_hash() for ing in hashed]
+    again = [k for k, sha in enumerate(shas) if sha is None]
+    for j, k in enumerate(again):
+        shas[k] = file_sha256(hashed[k].path)
+        report("hash", (j + 1) / len(again))
+    return shas, sum(hashed[k].path.stat().st_size for k in again)
 
 
 def _greedy(m: MergeMethod, ings: list[Ingredient], score, chunk_bytes: int, report) -> dict:

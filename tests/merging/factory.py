@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import struct
+
 import torch
 from safetensors.torch import save_file
 
@@ -35,6 +38,20 @@ def make_checkpoint(path, seed: int, cfg: BackboneConfig = CFG, fingerprint: str
 def write_raw(path, state: dict[str, torch.Tensor], m: CheckpointMeta | None = None) -> None:
     """Bypasses save_checkpoint's own checks, for inputs the merge must refuse (NaN, odd tensors)."""
     save_file({k: v.contiguous() for k, v in state.items()}, str(path), metadata=(m or meta()).to_header())
+
+
+def write_scrambled(path, state: dict[str, torch.Tensor], m: CheckpointMeta | None = None) -> None:
+    """A valid safetensors file of float32 tensors laid out unlike ours (reverse name order), so reading it in
+    our tensor order does not go front to back."""
+    header, data = {"__metadata__": (m or meta()).to_header()}, b""
+    for name in sorted(state, reverse=True):
+        raw = state[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        shape, at = list(state[name].shape), len(data)
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [at, at + len(raw)]}
+        data += raw
+    blob = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob + data)
 
 
 def make_fisher(path, checkpoint, seed: int, fisher: dict | None = None, fingerprint: str = FINGERPRINT,

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from merging.io import SafetensorsReader, SafetensorsWriter, row_blocks
+from merging.io import SafetensorsReader, SafetensorsWriter, header_bytes, row_blocks
 from models.checkpoint import file_sha256
 from models.errors import CheckpointError
 
@@ -95,6 +95,72 @@ def test_writer_leaves_nothing_when_interrupted_or_incomplete(tmp_path):
         with SafetensorsWriter(tmp_path / "x.safetensors", entries, {}) as w:
             w.write("a", torch.zeros(2, 2, dtype=torch.float64))
     assert os.listdir(tmp_path) == []
+
+
+def _gappy_file(path) -> None:
+    """Tensors in reverse name order, with junk between them and after the last: legal for our reader."""
+    header, data = {"__metadata__": {"k": "v"}}, b""
+    for name in ["c", "b", "a"]:
+        raw = torch.arange(6, dtype=torch.float32).add(ord(name)).numpy().tobytes()
+        data += b"\x07" * 5
+        header[name] = {"dtype": "F32", "shape": [3, 2], "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    _raw_file(path, header, data + b"tail")
+
+
+@pytest.mark.parametrize("reads", [
+    [("c", 0, 3), ("b", 0, 3), ("a", 0, 3)],  # everything, front to back
+    [("c", 0, 1), ("c", 1, 3), ("a", 0, 3)],  # row blocks, and a tensor skipped: its bytes are hashed as a gap
+    [("b", 2, 3)],  # one row in the middle: the rest is hashed before it and at the end
+    [],
+])
+def test_reader_hashes_the_whole_file_as_it_reads_it_front_to_back(tmp_path, reads):
+    path = tmp_path / "g.safetensors"
+    _gappy_file(path)
+    with SafetensorsReader(path) as r:
+        assert r.hash_as_read(["c", "b", "a"])
+        for name, a, b in reads:
+            assert torch.equal(r.read(name, a, b), torch.arange(6.0).add(ord(name)).view(3, 2)[a:b])
+        assert r.finish_hash() == file_sha256(path)
+        assert r.bytes_read == path.stat().st_size  # each byte once, whatever the reads covered
+        assert r.finish_hash() is None  # hashing is over
+
+
+def test_reader_gives_no_hash_when_reads_do_not_go_front_to_back(tmp_path):
+    path = tmp_path / "g.safetensors"
+    _gappy_file(path)
+    with SafetensorsReader(path) as r:
+        assert not r.hash_as_read(["a", "b", "c"])  # the file holds c, b, a
+        r.read("c")
+        assert r.finish_hash() is None
+        assert r.hash_as_read(["c", "b", "a"])
+        r.read("b")
+        r.read("c")  # went back after all
+        r.read("a")
+        assert r.finish_hash() is None
+
+
+def test_a_provisional_header_is_rewritten_in_place(tmp_path):
+    entries = [(n, t.dtype, tuple(t.shape)) for n, t in SAMPLE.items()]
+    final = {"format": "x", "sha": "ab" * 32}
+    with SafetensorsWriter(tmp_path / "p.safetensors", entries, {"format": "x", "sha": "0" * 64},
+                           provisional=True) as w:
+        for name, t in SAMPLE.items():
+            w.write(name, t)
+        w.rewrite_header(final)
+        sha = w.commit()
+    got = (tmp_path / "p.safetensors").read_bytes()
+    assert got == header_bytes(entries, final) + b"".join(
+        t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for t in SAMPLE.values())
+    assert sha == file_sha256(tmp_path / "p.safetensors") and w.bytes_reread == len(got)
+    with pytest.raises(RuntimeError, match="the new header is [0-9]+ bytes, the provisional one"):
+        with SafetensorsWriter(tmp_path / "q.safetensors", entries, {"sha": "0" * 64}, provisional=True) as w:
+            w.rewrite_header({"sha": "0" * 72})  # 8 bytes more than the padding can absorb
+    with pytest.raises(RuntimeError, match="never rewritten"):
+        with SafetensorsWriter(tmp_path / "q.safetensors", entries[:1], {"sha": "0" * 64}, provisional=True) as w:
+            w.write(entries[0][0], SAMPLE[entries[0][0]])
+            w.commit()
+    assert os.listdir(tmp_path) == ["p.safetensors"]
 
 
 def _raw_file(path, header: dict, data: bytes) -> None:

@@ -4,13 +4,14 @@ reason and leaves no file (final or temporary) in the output directory."""
 
 import json
 import os
+import struct
 
 import pytest
 import torch
 from safetensors import safe_open
 
 from merging.merge import build_method, merge_checkpoints, merge_state_dicts
-from models.checkpoint import CREATED_BY, file_sha256, load_checkpoint, load_model
+from models.checkpoint import CREATED_BY, file_sha256, load_checkpoint, load_model, parse_metadata
 from models.config import BackboneConfig
 from models.errors import CheckpointError, IncompatibleError
 from tests.merging.factory import (
@@ -21,6 +22,7 @@ from tests.merging.factory import (
     make_merge_inputs,
     tiny_state,
     write_raw,
+    write_scrambled,
 )
 
 
@@ -149,10 +151,85 @@ def test_progress_reports_each_stage_up_to_one(world):
     merge_checkpoints("fisher", world["ckpts"], world["out"] / "m.safetensors", fishers=world["fishers"],
                       options={"normalize": True}, progress=lambda s, f: seen.setdefault(s, []).append(f),
                       chunk_bytes=256)
-    assert list(seen) == ["hash", "fisher-norms", "merge"]
+    assert list(seen) == ["fisher-norms", "merge"]  # the merge pass hashes the checkpoints as it reads them
     for stage, fractions in seen.items():
         assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0), stage
     assert len(seen["merge"]) > 20  # small blocks: many steps
+
+
+def _header_order(path) -> list[str]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return sorted(header, key=lambda k: header[k]["data_offsets"])
+
+
+def _expected_bytes(out, ckpts, base, tensors: dict[str, torch.Tensor]) -> bytes:
+    """What the engine wrote before it learnt to hash while merging: a header holding the inputs' sha256
+    (from a separate read of each file) in the canonical metadata order, then the merged tensors in the
+    first checkpoint's layout."""
+    with open(out, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        written = json.loads(f.read(n))["__metadata__"]
+    merge = json.loads(written["merge"])
+    assert merge["ingredients"] == [file_sha256(c) for c in ckpts]
+    assert merge["base"] == (file_sha256(base) if base else None)
+    header = {"__metadata__": parse_metadata(written).to_header()}
+    off, data = 0, b""
+    for name in _header_order(ckpts[0]):
+        raw = tensors[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape), "data_offsets": [off, off + len(raw)]}
+        off, data = off + len(raw), data + raw
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob + data
+
+
+@pytest.mark.parametrize("chunk_bytes", [32 << 20, 100])
+@pytest.mark.parametrize("method, options, weights, scrambled", [
+    ("weighted", {}, [1.0, 2.0, 0.5], None),
+    ("fisher", {"normalize": True}, [2.0, 1.0, 1.0], None),
+    ("ties", {"density": 0.3}, None, None),
+    ("dare", {"p": 0.6, "seed": 5}, None, None),
+    ("uniform", {}, None, 1),  # an ingredient read out of file order is hashed again on its own
+    ("uniform", {}, None, 0),  # the first ingredient sets the order; the others are read out of theirs
+    ("task-arithmetic", {"alpha": 0.7}, None, "base"),
+])
+def test_output_is_byte_for_byte_what_a_separate_hashing_pass_gave(world, method, options, weights, scrambled,
+                                                                   chunk_bytes):
+    ckpts, base = list(world["ckpts"]), world["base"]
+    if scrambled is not None:
+        path = world["src"] / "scrambled.safetensors"
+        write_scrambled(path, tiny_state(3 if scrambled == "base" else scrambled))
+        if scrambled == "base":
+            base = path
+        else:
+            ckpts[scrambled] = path
+    m = build_method(method, 3, options, weights)
+    base = base if m.needs_base else None
+    fishers = world["fishers"] if m.needs_fisher else None
+    out = world["out"] / "m.safetensors"
+    res = merge_checkpoints(method, ckpts, out, weights=weights, options=options, base=base, fishers=fishers,
+                            chunk_bytes=chunk_bytes)
+    merged = merge_state_dicts(m, [load_checkpoint(c)[0] for c in ckpts],
+                               base=load_checkpoint(base)[0] if base else None,
+                               fishers=[_fisher_dict(f) for f in fishers] if fishers else None,
+                               fisher_norms=json.loads(res.metadata["merge"]).get("fisher_norms"))
+    got = out.read_bytes()
+    assert got == _expected_bytes(out, ckpts, base, merged)
+    assert res.sha256 == file_sha256(out) and res.output_reread == len(got)
+    assert os.listdir(world["out"]) == ["m.safetensors"]
+    # Each checkpoint (and base) is read once, whole, by the merge pass that hashes it; one whose layout differs
+    # from the first checkpoint's is read out of file order, so it is hashed by a second, separate read.
+    out_of_order = {ckpts[1], ckpts[2]} if scrambled == 0 else {world["src"] / "scrambled.safetensors"}
+    expected = 0
+    for p in [*ckpts, *([base] if base else [])]:
+        size = os.path.getsize(p)
+        expected += size + sum(t.nbytes for t in load_checkpoint(p)[0].values()) if p in out_of_order else size
+    for f in fishers or []:  # Fishers are not hashed: their tensor bytes, once per pass
+        expected += (2 if options.get("normalize") else 1) * sum(t.nbytes for t in _fisher_dict(f).values())
+    assert res.bytes_read == expected
 
 
 # ---- refusals: each names its reason and leaves the output directory empty -------------------------
