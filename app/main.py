@@ -6,6 +6,7 @@ this process. With a broker, `recmerge db upgrade` migrates and Celery workers r
 
 from __future__ import annotations
 
+import gc
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -82,6 +83,7 @@ def create_app(settings: Settings | None = None, *, jobs: bool = True) -> FastAP
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.background = _start_jobs(settings) if jobs else None
+        gc.freeze()  # the app's long-lived objects (modules, routes, schemas) need no collector visits
         try:
             yield
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -32,9 +33,12 @@ class Settings(BaseSettings):
     # Serving: how long the micro-batcher waits for company, and how large a batch may grow.
     BATCH_WAIT_MS: float = 2.0
     BATCH_MAX: int = 32
+    BATCH_PIPELINE: int = 2  # batches out at once: the next one is ready when the forward side frees up
     # A batch runs in length-sorted chunks of this many histories: padding 32 histories to the longest
     # (ml-1m: median 96, a quarter at 200) cost more than the bigger matrix products saved (~2x on CPU).
     FORWARD_CHUNK: int = 8
+    # Where forward passes run: "process" (a child process: no GIL shared with the event loop) or "thread".
+    FORWARD: Literal["process", "thread"] = "process"
     TORCH_THREADS: int = 0  # forward-pass threads; 0 = half the cores (the event loop needs the rest), >= 1
     ALIAS_TTL_S: float = 1.0  # how stale another process's alias switch may look to this one
 
@@ -49,6 +53,8 @@ class Settings(BaseSettings):
             raise ValueError("MAX_UPLOAD_BYTES must be >= 1")
         if self.MODEL_CACHE_SIZE < 1:
             raise ValueError("MODEL_CACHE_SIZE must be >= 1")
+        if self.BATCH_PIPELINE < 1 or self.BATCH_MAX < 1:
+            raise ValueError("BATCH_PIPELINE and BATCH_MAX must be >= 1")
         return self
 
     @property

@@ -43,9 +43,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(data_dir: Path, port: int, threads: int | None) -> subprocess.Popen:
+def start_server(data_dir: Path, port: int, threads: int | None,
+                 extra: dict[str, str] | None = None) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECMERGE_")}
-    env.update(RECMERGE_DATA_DIR=str(data_dir), PYTHONPATH=str(REPO))
+    env.update(RECMERGE_DATA_DIR=str(data_dir), PYTHONPATH=str(REPO), **(extra or {}))
     if threads:
         env["RECMERGE_TORCH_THREADS"] = str(threads)
     cmd = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
@@ -158,36 +159,25 @@ def wrk_load(port: int, paths: list[str], concurrency: int, duration: float, wor
 
 
 # --- the run --------------------------------------------------------------------------------------
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--source", type=Path, default=REPO.parent / "shared" / "data" / "ml-1m" / "ml-1m.seq.tsv")
-    ap.add_argument("--duration", type=float, default=60.0, help="seconds per (endpoint, concurrency)")
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--max-len", type=int, default=200)
-    ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--torch-threads", type=int, help="RECMERGE_TORCH_THREADS for the server")
-    ap.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto")
-    ap.add_argument("--out", type=Path, help="write the markdown report here")
-    args = ap.parse_args()
-
-    generator = args.generator
-    if generator == "auto":
-        generator = "wrk" if shutil.which("wrk") else "python"
+def run_setup(args, generator: str, setup: str, extra: dict[str, str], concurrency: list[int],
+              with_health: bool) -> list[dict]:
+    """Start a server with these extra settings, register the model, load it at each concurrency."""
     work = Path(tempfile.mkdtemp(prefix="recommend-load-"))
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    server = start_server(work / "svc", port, args.torch_threads)
+    server = start_server(work / "svc", port, args.torch_threads, extra)
     rows = []
     try:
         t = time.perf_counter()
         model_id, users, n_items = register_model(base, args.source, work, args.max_len)
-        print(f"registered ml-1m ({len(users)} users, {n_items} items) and model {model_id} "
+        print(f"[{setup}] registered ml-1m ({len(users)} users, {n_items} items) and model {model_id} "
               f"in {time.perf_counter() - t:.0f} s; load generator: {generator}", flush=True)
         rng = random.Random(0)
         rec_paths = [f"/recommend/{u}?model=production&k={args.k}" for u in rng.sample(users, len(users))]
         assert httpx.get(base + rec_paths[0]).status_code == 200  # loads the model into the cache
-        for name, paths in (("/healthz", ["/healthz"]), ("GET /recommend/{user}", rec_paths)):
-            for c in args.concurrency:
+        endpoints = ([("/healthz", ["/healthz"])] if with_health else []) + [("GET /recommend/{user}", rec_paths)]
+        for name, paths in endpoints:
+            for c in concurrency:
                 before = server_batches(base)
                 if generator == "wrk":
                     r = wrk_load(port, paths, c, args.duration, work)
@@ -195,7 +185,7 @@ def main() -> None:
                     r = python_load(port, paths, c, args.duration)
                 after = server_batches(base)
                 passes = after[0] - before[0]
-                r.update(endpoint=name, concurrency=c,
+                r.update(setup=setup, endpoint=name, concurrency=c,
                          batch=(after[1] - before[1]) / passes if passes else None,
                          load=os.getloadavg()[0])
                 rows.append(r)
@@ -207,6 +197,35 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             server.kill()
         shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--source", type=Path, default=REPO.parent / "shared" / "data" / "ml-1m" / "ml-1m.seq.tsv")
+    ap.add_argument("--duration", type=float, default=60.0, help="seconds per (endpoint, concurrency)")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--max-len", type=int, default=200)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--torch-threads", type=int, help="RECMERGE_TORCH_THREADS for the server")
+    ap.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto")
+    ap.add_argument("--baseline", default="RECMERGE_FORWARD=thread,RECMERGE_BATCH_PIPELINE=1",
+                    help="server settings (K=V,...) of a second server measured in the same run, for comparison; "
+                         "'' to skip (default: the earlier design, forward passes in a thread, one batch at a time)")
+    ap.add_argument("--baseline-concurrency", type=int, nargs="+", default=[32])
+    ap.add_argument("--out", type=Path, help="write the markdown report here")
+    args = ap.parse_args()
+
+    generator = args.generator
+    if generator == "auto":
+        generator = "wrk" if shutil.which("wrk") else "python"
+    rows = []
+    setups = [("default", {}, args.concurrency, True)]
+    if args.baseline:
+        setups.append((args.baseline, dict(kv.split("=", 1) for kv in args.baseline.split(",")),
+                       args.baseline_concurrency, False))
+    for setup, extra, concurrency, with_health in setups:
+        rows += run_setup(args, generator, setup, extra, concurrency, with_health)
     report = render(rows, args, generator)
     print(report)
     if args.out:
@@ -216,12 +235,14 @@ def main() -> None:
 
 def render(rows: list[dict], args, generator: str) -> str:
     lines = [
-        "| endpoint | concurrency | requests/s | p50 ms | p99 ms | errors | requests | mean batch | load avg |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server | endpoint | concurrency | requests/s | p50 ms | p99 ms | errors | requests | mean batch "
+        "| load avg |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         batch = f"{r['batch']:.1f}" if r["batch"] else "–"
-        lines.append(f"| {r['endpoint']} | {r['concurrency']} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | "
+        lines.append(f"| {r['setup']} | {r['endpoint']} | {r['concurrency']} | {r['rps']:.0f} | {r['p50']:.1f} | "
+                     f"{r['p99']:.1f} | "
                      f"{r['errors']} | {r['requests']} | {batch} | {r['load']:.1f} |")
     cmd = " ".join(["nice -n 10 .venv/bin/python bench/recommend_load.py", f"--duration {args.duration:g}",
                     *(["--out", str(args.out)] if args.out else [])])
@@ -240,7 +261,9 @@ def render(rows: list[dict], args, generator: str) -> str:
         f"`production`; each request is a random ml-1m user, k={args.k}, history = the user's whole sequence.",
         "'mean batch' = requests answered by one call of the micro-batcher (server's /metrics), which runs "
         "them as length-sorted forward passes of up to RECMERGE_FORWARD_CHUNK (8); 'load avg' = 1-minute "
-        "load average after the row (the machine is shared).",
+        "load average after the row (the machine is shared). 'default' = the shipped settings (forward passes "
+        "in a child process, two batches out at once); the other server, started after it in the same run, "
+        "differs only by the settings its name lists.",
         "",
         *lines,
         "",

@@ -9,7 +9,8 @@ import time
 import httpx
 import numpy as np
 
-from app.serving import LRUCache, MicroBatcher
+from app.lru import LRUCache
+from app.serving import MicroBatcher
 from models.checkpoint import load_model
 from models.recommend import recommend_history
 from tests.app.conftest import checkpoint_bytes

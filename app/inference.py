@@ -1,0 +1,173 @@
+"""Where the serving forward passes run: in a thread of the API process, or in a child process.
+
+The child process is the default. In one process the event loop's thread and the forward thread share
+one GIL: each of the ~150 torch ops of a forward pass gives it up and must win it back from a busy event
+loop, which made a forward pass up to 5x slower under load and put 150+ ms tails on GET /recommend at
+concurrency 32 (docs/results/recommend_load.md). A child has its own interpreter, so HTTP handling and
+forward passes run on separate cores.
+
+Only `models/` and app/lru.py are imported here: the child needs nothing of the web stack. Messages on
+the pipe are a JSON header plus raw array bytes, never pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import threading
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+from app.lru import LRUCache
+from models.errors import CheckpointError, DataError, IncompatibleError, RecmergeError
+
+_ERRORS = {cls.__name__: cls for cls in (RecmergeError, DataError, CheckpointError, IncompatibleError)}
+
+
+class ForwardFailed(RuntimeError):
+    """The forward process died or broke the protocol; the batch could not be computed."""
+
+
+class LocalForward:
+    """Loads networks into an LRU map and answers top-k in the calling thread."""
+
+    kind = "thread"
+
+    def __init__(self, cache_size: int, threads: int, chunk: int):
+        import torch
+
+        self._threads = threads
+        self._torch = torch
+        self.chunk = chunk
+        self.networks = LRUCache(cache_size)
+        self._lock = threading.Lock()  # pipelined batches take turns: two forwards would only contend
+
+    def _load(self, path: str):
+        from models.checkpoint import load_model
+
+        return load_model(path)[0]
+
+    def top_k(self, model_id: str, path: str, histories: Sequence[np.ndarray], k: int,
+              n_items: int) -> tuple[np.ndarray, np.ndarray]:
+        from models.recommend import top_k
+
+        if self._torch.get_num_threads() != self._threads:  # per thread pool: set where the work runs
+            self._torch.set_num_threads(self._threads)
+        model = self.networks.get(model_id, lambda _: self._load(path))
+        with self._lock:
+            return top_k(model, histories, k, n_items, batch_size=self.chunk)
+
+    def close(self) -> None:
+        pass
+
+
+# --- the child process ---------------------------------------------------------------------------
+def _child(conn: Connection, cache_size: int, threads: int, chunk: int) -> None:
+    forward = LocalForward(cache_size, threads, chunk)
+    while True:
+        try:
+            head = json.loads(conn.recv_bytes())
+        except (EOFError, OSError):  # the parent went away
+            return
+        if head.get("op") == "exit":
+            return
+        flat = np.frombuffer(conn.recv_bytes(), dtype=np.int64)
+        ends = np.cumsum(head["lengths"])
+        histories = np.split(flat, ends[:-1]) if len(ends) else []
+        try:
+            items, scores = forward.top_k(head["model_id"], head["path"], histories, head["k"], head["n_items"])
+        except Exception as e:  # every error goes back to the caller; the child lives on
+            conn.send_bytes(json.dumps({"ok": False, "kind": type(e).__name__, "message": str(e)}).encode())
+            continue
+        conn.send_bytes(json.dumps({"ok": True, "shape": list(items.shape)}).encode())
+        conn.send_bytes(np.ascontiguousarray(items, dtype=np.int64).tobytes())
+        conn.send_bytes(np.ascontiguousarray(scores, dtype=np.float32).tobytes())
+
+
+class ForwardProcess:
+    """A child process that owns the networks and computes top-k; started on first use, restarted once
+    per call if it died (the batch is then retried on the new child)."""
+
+    kind = "process"
+
+    def __init__(self, cache_size: int, threads: int, chunk: int):
+        self.args = (cache_size, threads, chunk)
+        self._lock = threading.Lock()
+        self._proc = None
+        self._conn: Connection | None = None
+
+    def _start(self) -> None:
+        # spawn, not fork: the API process has threads (event loop, executors) and torch state.
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_child, args=(child, *self.args), name="recmerge-forward", daemon=True)
+        self._proc.start()
+        child.close()
+        self._conn = parent
+
+    def _stop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        if self._proc is not None:
+            self._proc.join(timeout=0.5)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(timeout=5)
+        self._proc = self._conn = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _call(self, head: dict, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray] | Exception:
+        if self._proc is None or not self._proc.is_alive():
+            self._stop()
+            self._start()
+        conn = self._conn
+        conn.send_bytes(json.dumps(head).encode())
+        conn.send_bytes(flat.tobytes())
+        answer = json.loads(conn.recv_bytes())
+        if not answer["ok"]:  # returned, not raised: the retry below is for a broken pipe only
+            return _ERRORS.get(answer["kind"], ForwardFailed)(answer["message"])
+        shape = tuple(answer["shape"])
+        items = np.frombuffer(conn.recv_bytes(), dtype=np.int64).reshape(shape)
+        scores = np.frombuffer(conn.recv_bytes(), dtype=np.float32).reshape(shape)
+        return items, scores
+
+    def top_k(self, model_id: str, path: str, histories: Sequence[np.ndarray], k: int,
+              n_items: int) -> tuple[np.ndarray, np.ndarray]:
+        histories = [np.asarray(h, dtype=np.int64).reshape(-1) for h in histories]
+        head = {"model_id": model_id, "path": str(path), "k": int(k), "n_items": int(n_items),
+                "lengths": [len(h) for h in histories]}
+        flat = np.concatenate(histories) if histories else np.zeros(0, np.int64)
+        with self._lock:
+            for attempt in (1, 2):
+                try:
+                    out = self._call(head, flat)
+                    break
+                except (EOFError, OSError, ValueError) as e:  # died mid-call, or a garbled reply
+                    self._stop()
+                    if attempt == 2:
+                        raise ForwardFailed(f"the forward process failed twice: {type(e).__name__}: {e}") from e
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    self._conn.send_bytes(json.dumps({"op": "exit"}).encode())
+                except OSError:
+                    pass
+            self._stop()
+
+
+def make_forward(kind: str, cache_size: int, threads: int, chunk: int) -> LocalForward | ForwardProcess:
+    if kind == "process":
+        return ForwardProcess(cache_size, threads, chunk)
+    if kind == "thread":
+        return LocalForward(cache_size, threads, chunk)
+    raise ValueError(f"unknown forward kind {kind!r}: expected 'process' or 'thread'")

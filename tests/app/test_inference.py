@@ -1,0 +1,141 @@
+"""The forward side of serving: the child process answers exactly what the in-thread path answers,
+comes back after being killed, passes bad-input errors through without dying; and the batcher keeps
+two batches out at once so the forward side never waits for the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from app.inference import ForwardProcess, LocalForward, make_forward
+from app.serving import MicroBatcher
+from app.settings import Settings
+from models.errors import DataError
+from tests.app.conftest import checkpoint_bytes
+
+N_ITEMS = 40
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    tmp = tmp_path_factory.mktemp("inference")
+    path = tmp / "m.safetensors"
+    path.write_bytes(checkpoint_bytes(tmp, "f" * 64, N_ITEMS, seed=3))
+    return str(path)
+
+
+@pytest.fixture()
+def child():
+    forward = ForwardProcess(cache_size=2, threads=1, chunk=4)
+    yield forward
+    forward.close()
+
+
+def _histories(seed: int, n: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, N_ITEMS + 1, rng.integers(0, 30)) for _ in range(n)]
+
+
+def test_process_answers_what_the_thread_answers(ckpt, child):
+    histories = _histories(0, 11)  # lengths 0..29, beyond max_len 20 too; chunk 4 splits them unevenly
+    want_items, want_scores = LocalForward(2, 1, 4).top_k("m", ckpt, histories, 7, N_ITEMS)
+    items, scores = child.top_k("m", ckpt, histories, 7, N_ITEMS)
+    assert items.shape == (11, 7) and scores.dtype == np.float32
+    np.testing.assert_array_equal(items, want_items)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-6)
+    assert child.pid is not None and child.pid != os.getpid()
+
+
+def test_bad_history_is_a_data_error_and_the_child_lives_on(ckpt, child):
+    child.top_k("m", ckpt, _histories(1, 2), 3, N_ITEMS)
+    pid = child.pid
+    with pytest.raises(DataError, match=f"history item {N_ITEMS + 5} is not an item id"):
+        child.top_k("m", ckpt, [np.array([1, N_ITEMS + 5])], 3, N_ITEMS)
+    items, _ = child.top_k("m", ckpt, [np.array([1, 2, 3])], 3, N_ITEMS)
+    assert child.pid == pid and items.shape == (1, 3) and not set(items[0]) & {1, 2, 3}
+
+
+def test_a_killed_child_is_replaced_and_the_batch_answered(ckpt, child):
+    histories = _histories(2, 5)
+    before, _ = child.top_k("m", ckpt, histories, 5, N_ITEMS)
+    old = child.pid
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while child._proc.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    after, _ = child.top_k("m", ckpt, histories, 5, N_ITEMS)
+    assert child.pid not in (None, old)
+    np.testing.assert_array_equal(after, before)
+
+
+def test_missing_checkpoint_names_the_file(tmp_path, child):
+    missing = tmp_path / "gone.safetensors"
+    with pytest.raises(Exception, match="gone.safetensors"):
+        child.top_k("gone", str(missing), _histories(3, 1), 3, N_ITEMS)
+
+
+def test_make_forward_and_settings_refuse_unknown_values():
+    with pytest.raises(ValueError, match="unknown forward kind 'gpu'"):
+        make_forward("gpu", 1, 1, 8)
+    with pytest.raises(ValueError, match="BATCH_PIPELINE"):
+        Settings(BATCH_PIPELINE=0)
+    with pytest.raises(ValueError):
+        Settings(FORWARD="fork")
+
+
+def test_two_batches_are_out_at_once():
+    spans: list[tuple[float, float, int]] = []
+
+    def run(batch):
+        start = time.perf_counter()
+        time.sleep(0.3)
+        spans.append((start, time.perf_counter(), len(batch)))
+        return [x + 1 for x in batch]
+
+    batcher = MicroBatcher(run, max_batch=32, max_wait_s=0.001, pipeline=2)
+
+    async def call(x, delay):
+        await asyncio.sleep(delay)
+        with batcher.reserve():
+            return await batcher.submit(x)
+
+    async def go():
+        # the first request starts a batch alone; the next three arrive while it computes
+        return await asyncio.gather(call(0, 0), call(1, 0.1), call(2, 0.1), call(3, 0.1))
+
+    assert asyncio.run(go()) == [1, 2, 3, 4]
+    spans.sort()
+    assert [n for _, _, n in spans] == [1, 3]
+    assert spans[1][0] < spans[0][1]  # the second batch started before the first ended
+    assert batcher.in_flight == 0 and batcher._dispatched == 0
+    batcher.close()
+
+
+def test_one_batch_at_a_time_when_pipeline_is_one():
+    spans: list[tuple[float, float]] = []
+
+    def run(batch):
+        start = time.perf_counter()
+        time.sleep(0.2)
+        spans.append((start, time.perf_counter()))
+        return list(batch)
+
+    batcher = MicroBatcher(run, max_batch=32, max_wait_s=0.001, pipeline=1)
+
+    async def call(x, delay):
+        await asyncio.sleep(delay)
+        with batcher.reserve():
+            return await batcher.submit(x)
+
+    async def go():
+        return await asyncio.gather(call(0, 0), call(1, 0.05), call(2, 0.05))
+
+    assert asyncio.run(go()) == [0, 1, 2]
+    spans.sort()
+    assert len(spans) == 2 and spans[1][0] >= spans[0][1]
+    batcher.close()
