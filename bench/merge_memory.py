@@ -39,10 +39,13 @@ def mem_available() -> int:
 
 # ---- synthetic inputs ----------------------------------------------------------------------------
 
-def write_inputs(work: Path, n_items: int, hidden: int) -> dict:
-    """M checkpoints + M Fishers, streamed to disk block by block (this process never holds a file)."""
+def write_inputs(work: Path, n_items: int, hidden: int, sq_norm: bool = True) -> dict:
+    """M checkpoints + M Fishers, streamed to disk block by block (this process never holds a file). Each
+    Fisher carries its `sq_norm` as estimate_fisher writes it, unless `sq_norm` is False (a Fisher written
+    before the field); the header goes first, so its blocks are generated twice from the same seed."""
     import torch
 
+    from merging.fisher_norm import FIELD, SquaredNorm
     from merging.io import SafetensorsWriter, TensorInfo, row_blocks
     from models.backbone import SeqRecModel
     from models.checkpoint import CheckpointMeta
@@ -65,16 +68,35 @@ def write_inputs(work: Path, n_items: int, hidden: int) -> dict:
         ckpts.append(path)
         fpath = work / f"fisher{i}.safetensors"
         fmeta = {"checkpoint_sha256": sha, "dataset_fingerprint": meta.dataset_fingerprint, "sampling": "synthetic"}
+        if sq_norm:
+            state, acc = g.get_state(), SquaredNorm()
+            for _, block, last in _fisher_blocks(entries, g):
+                acc.add(block)
+                if last:
+                    acc.end_tensor()
+            fmeta[FIELD] = repr(acc.value)
+            g.set_state(state)
         with SafetensorsWriter(fpath, entries, fmeta) as w:
-            for name, _, shape in entries:
-                for a, b in row_blocks(TensorInfo(name, torch.float32, shape, 0, 4 * _numel(shape)), 4 << 20):
-                    block = torch.rand((b - a, *shape[1:]) if shape else (), generator=g)
-                    if name == "item_emb.weight":
-                        block[::997] = 0.0  # rows no user touched: some entries fall back
-                    w.write(name, block)
+            for name, block, _ in _fisher_blocks(entries, g):
+                w.write(name, block)
             w.commit()
         fishers.append(fpath)
     return {"ckpts": [str(p) for p in ckpts], "fishers": [str(p) for p in fishers], "config": cfg.to_json()}
+
+
+def _fisher_blocks(entries, g):
+    """(name, block, last block of its tensor) of a synthetic Fisher, in file order."""
+    import torch
+
+    from merging.io import TensorInfo, row_blocks
+
+    for name, _, shape in entries:
+        blocks = row_blocks(TensorInfo(name, torch.float32, shape, 0, 4 * _numel(shape)), 4 << 20)
+        for k, (a, b) in enumerate(blocks):
+            block = torch.rand((b - a, *shape[1:]) if shape else (), generator=g)
+            if name == "item_emb.weight":
+                block[::997] = 0.0  # rows no user touched: some entries fall back
+            yield name, block, k == len(blocks) - 1
 
 
 def _numel(shape) -> int:
@@ -199,7 +221,7 @@ def report(args, mach: dict, sizes: dict, rows: list[dict], base_rss: int, equal
         "# Merge memory and throughput (bench/merge_memory.py)",
         "",
         f"Command: `nice -n 5 .venv/bin/python bench/merge_memory.py --items {args.items} --hidden {args.hidden}"
-        f"{' --out ' + args.out if args.out else ''}`",
+        f"{'' if args.sq_norm else ' --no-sq-norm'}{' --out ' + args.out if args.out else ''}`",
         "",
         f"Machine: {mach['cpu']}, nproc {mach['nproc']}, {mach['ram_gib']:.1f} GiB RAM "
         f"({mach['available_gib']:.1f} GiB available at start), load average {' '.join(mach['loadavg'])} at start "
@@ -208,7 +230,11 @@ def report(args, mach: dict, sizes: dict, rows: list[dict], base_rss: int, equal
         f"Inputs: {M} recmerge checkpoints of {sizes['ckpt'] / gb:.2f} GB each (BERT4Rec backbone, "
         f"{args.items:,} items x hidden {args.hidden}; the largest tensor, `item_emb.weight`, is "
         f"{sizes['largest'] / gb:.2f} GB) and {M} Fishers of the same size: {sizes['total'] / gb:.2f} GB of input. "
-        f"Method `fisher` with `normalize=true` (so the Fishers are read twice). "
+        "Method `fisher` with `normalize=true`; " + (
+            "the Fishers carry their `sq_norm` in their metadata, so the merge takes each norm from there and "
+            "reads every input once. " if args.sq_norm else
+            "the Fishers lack `sq_norm` (as files written before the field), so the merge reads each twice: once "
+            "for its norm, once to merge. ") +
         f"Writing the inputs took {setup_s:.0f} s.",
         "",
         "| run | page cache at start | peak RSS | wall time | CPU time | GB read | read throughput | GB read per "
@@ -231,10 +257,10 @@ def report(args, mach: dict, sizes: dict, rows: list[dict], base_rss: int, equal
         f"Baseline: a child that only imports torch and merging peaks at {base_rss / 2**30:.2f} GiB RSS; every row "
         "includes it. Wall and CPU time (user + system, all threads) are measured inside the child around the "
         "merge, after its imports.",
-        "GB read counts every pass over the inputs: for the streaming engine the Fisher-norm pass and the merge "
-        "pass, which also computes each checkpoint's sha256 (recorded in the output and checked against each "
-        "Fisher's `checkpoint_sha256`) from the bytes it reads; a separate hashing read, where one is needed, "
-        "would count too.",
+        "GB read counts every pass over the inputs: for the streaming engine the merge pass, which also computes "
+        "each checkpoint's sha256 (recorded in the output and checked against each Fisher's `checkpoint_sha256`) "
+        "from the bytes it reads, and a Fisher-norm pass over each Fisher without `sq_norm`; a separate hashing "
+        "read, where one is needed, would count too.",
     ]
     reread = [r["output_reread"] for r in rows if r.get("output_reread")]
     if reread:
@@ -251,6 +277,9 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--workdir", help="where the temporary files go (default: the system temp dir)")
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--no-sq-norm", dest="sq_norm", action="store_false",
+                    help="write the Fishers without their sq_norm field, as before it existed: the merge then "
+                         "reads each Fisher twice (the fallback norm pass)")
     ap.add_argument("--out", help="write the markdown report here")
     ap.add_argument("--child", nargs=3, metavar=("MODE", "SPEC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -269,7 +298,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="merge_memory.", dir=parent))
     try:
         t0 = time.perf_counter()
-        spec = write_inputs(work, args.items, args.hidden)
+        spec = write_inputs(work, args.items, args.hidden, args.sq_norm)
         setup_s = time.perf_counter() - t0
         spec_path = work / "spec.json"
         spec_path.write_text(json.dumps(spec))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from merging.fisher_norm import stored_sq_norm
 from merging.io import SafetensorsReader
 from models.checkpoint import CheckpointMeta, parse_metadata
 from models.errors import CheckpointError, IncompatibleError
@@ -84,13 +85,14 @@ def check_same_tensors(ref: SafetensorsReader, other: SafetensorsReader, dtypes:
 
 
 def check_fisher(fisher: SafetensorsReader, ckpt: Ingredient, ckpt_sha256: str | None) -> None:
-    """A Fisher belongs to exactly one checkpoint (by sha256) and one dataset, with its tensor layout.
-    With `ckpt_sha256=None` (not known yet) everything but the sha256 is checked; `check_fisher_checkpoint`
-    does the rest once it is."""
+    """A Fisher belongs to exactly one checkpoint (by sha256) and one dataset, with its tensor layout, and
+    its `sq_norm`, if it has one, is a number a norm can be. With `ckpt_sha256=None` (not known yet) everything
+    but the sha256 is checked; `check_fisher_checkpoint` does the rest once it is."""
     md = fisher.metadata
     for key in ("checkpoint_sha256", "dataset_fingerprint"):
         if key not in md:
             raise IncompatibleError(f"{fisher.path}: Fisher metadata field {key!r} is missing")
+    stored_sq_norm(md, fisher.path)
     if ckpt_sha256 is not None:
         check_fisher_checkpoint(fisher, ckpt, ckpt_sha256)
     if md["dataset_fingerprint"] != ckpt.meta.dataset_fingerprint:

@@ -8,8 +8,10 @@ eval mode (no dropout) for the whole estimate.
 
 The file is a safetensors file with the checkpoint's tensor names and shapes (float32) and string
 metadata: format, checkpoint_sha256, dataset_fingerprint, sampling, n, computation, examples (|U|),
-seed, settings (JSON), created_by. A Fisher is computed once per (checkpoint, dataset, settings):
-with a cache directory, the file is named by the sha256 of those three and reused while valid.
+seed, settings (JSON), created_by, and sq_norm (‖F‖², merging/fisher_norm.py; files written before it,
+cached ones included, lack it, and a merge then computes it from the file). A Fisher is computed once per
+(checkpoint, dataset, settings): with a cache directory, the file is named by the sha256 of those three
+and reused while valid.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from safetensors import safe_open
 
 from merging.fisher_compute import compute_fisher
+from merging.fisher_norm import stored_sq_norm, with_sq_norm
 from merging.item_selection import NEEDS_N
 from models.checkpoint import (
     CREATED_BY,
@@ -180,6 +183,7 @@ def estimate_fisher(ckpt_path: str | os.PathLike, ds, settings: FisherSettings |
         "created_by": CREATED_BY,
     }
     tensors = {k: v.detach().to("cpu", torch.float32) for k, v in tensors.items()}
+    head = with_sq_norm(head, tensors)
     targets_out = [p for p in (cached_path, None if out is None else Path(out)) if p is not None]
     for path in targets_out:
         atomic_save(tensors, path, head)
@@ -193,6 +197,7 @@ def read_fisher_metadata(path: str | os.PathLike) -> dict[str, str]:
     for key in ("checkpoint_sha256", "dataset_fingerprint", "sampling", "computation", "examples"):
         if key not in head:
             raise CheckpointError(f"{path}: Fisher metadata field {key!r} is missing")
+    stored_sq_norm(head, path)
     return head
 
 

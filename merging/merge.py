@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 from merging.compat import Ingredient, check_fisher, check_fisher_checkpoint, check_same_model, check_values
+from merging.fisher_norm import FIELD as SQ_NORM
+from merging.fisher_norm import SquaredNorm, sq_norm_of_tensors, stored_sq_norm
 from merging.io import SafetensorsReader, SafetensorsWriter, row_blocks
 from merging.methods import MergeMethod, MergeOptionsError, get_method
 from merging.methods.base import TensorInputs
@@ -38,7 +40,7 @@ class MergeResult:
     sha256: str
     method: str
     metadata: dict[str, str]
-    bytes_read: int  # inputs, over every pass: sha256 (when separate), Fisher norms, greedy-soup candidates, merge
+    bytes_read: int  # inputs, every pass: separate sha256, norms of Fishers without sq_norm, greedy-soup, merge
     seconds: float
     stats: dict[str, Any] = field(default_factory=dict)
     output_reread: int = 0  # bytes of the output read back to hash it after its header was rewritten
@@ -125,26 +127,28 @@ def _to_state_dict(m: MergeMethod, ings: list[Ingredient], chunk_bytes: int) -> 
     return {k: v[0] if len(v) == 1 else torch.cat(v) for k, v in parts.items()}
 
 
-def sum_of_squares(t: torch.Tensor) -> float:
-    """Σ t² to ~1e-8 relative: float32 norms over 16K-entry rows (fast), their squares summed in float64.
-    A float32 norm of a whole 32 MB block was measured off by 4e-4; a float64 cast costs 20x the time."""
-    flat, K = t.reshape(-1), 1 << 14
-    m = flat.numel() - flat.numel() % K
-    total = float(torch.linalg.vector_norm(flat[:m].view(-1, K), dim=1).double().square().sum()) if m else 0.0
-    return total + float(flat[m:].double().square().sum())
-
-
-def fisher_norm(reader: SafetensorsReader, chunk_bytes: int, progress: Callable[[float], None]) -> float:
-    """Global L2 norm over all tensors of a Fisher file, streamed."""
-    total, done, size = 0.0, 0, sum(t.nbytes for t in reader.tensors.values()) or 1
+def file_sq_norm(reader: SafetensorsReader, chunk_bytes: int, progress: Callable[[float], None]) -> float:
+    """‖F‖² of a Fisher file without a `sq_norm` field (written before it existed), by the same definition as
+    the field: a pass over the file, in its layout order (the definition does not depend on the order)."""
+    acc, done, size = SquaredNorm(), 0, sum(t.nbytes for t in reader.tensors.values()) or 1
     for name, info in reader.tensors.items():
         for start, stop in row_blocks(info, chunk_bytes):
             block = reader.read(name, start, stop)
             check_values(block, name, reader.path, fisher=True)
-            total += sum_of_squares(block.to(compute_dtype(block.dtype)))
+            acc.add(block)
             done += block.nbytes
             progress(done / size)
-    return math.sqrt(total)
+        acc.end_tensor()
+    return acc.value
+
+
+def _fisher_norms(readers: list[SafetensorsReader], chunk_bytes: int, report) -> list[float]:
+    """‖F‖ of each Fisher: from its `sq_norm` field (validated when it was opened), else from a pass over it."""
+    sq = [stored_sq_norm(f.metadata, f.path) for f in readers]
+    missing = [k for k, v in enumerate(sq) if v is None]
+    for j, k in enumerate(missing):
+        sq[k] = file_sq_norm(readers[k], chunk_bytes, lambda x, j=j: report("fisher-norms", (j + x) / len(missing)))
+    return [math.sqrt(v) for v in sq]
 
 
 def _merged_metadata(m: MergeMethod, ings: list[Ingredient], shas: list[str], base_sha: str | None,
@@ -156,7 +160,8 @@ def _merged_metadata(m: MergeMethod, ings: list[Ingredient], shas: list[str], ba
     extra = {k: v for k, v in ref.extra.items() if all(mt.extra.get(k) == v for mt in metas)}
     merge = {"method": m.name, "ingredients": shas, "base": base_sha, **m.describe()}
     if fishers is not None:
-        merge["fishers"] = [f.metadata for f in fishers]
+        # Without sq_norm (recorded as fisher_norms when used), so a Fisher with or without it gives the same file.
+        merge["fishers"] = [{k: v for k, v in f.metadata.items() if k != SQ_NORM} for f in fishers]
     if selection is not None:
         merge["selection"] = selection
     meta = CheckpointMeta(backbone=ref.backbone, recipe=recipe, dataset_fingerprint=ref.dataset_fingerprint,
@@ -210,8 +215,7 @@ def merge_checkpoints(method: str, checkpoints: Sequence[str | os.PathLike], out
                 check_fisher(f, ing, sha)
         if m.needs_fisher_norms:
             with torch_threads(threads):
-                m.set_fisher_norms([fisher_norm(f, chunk_bytes, lambda x, k=k: report("fisher-norms", (k + x) / n))
-                                    for k, f in enumerate(fisher_readers)])
+                m.set_fisher_norms(_fisher_norms(fisher_readers, chunk_bytes, report))
 
         selection, used = None, ings
         if m.needs_score:
@@ -285,11 +289,10 @@ def merge_state_dicts(m: MergeMethod, state_dicts: list[dict[str, torch.Tensor]]
                       fishers: list[dict[str, torch.Tensor]] | None = None,
                       fisher_norms: list[float] | None = None) -> dict[str, torch.Tensor]:
     """The same merge, whole tensors in memory: for models that fit in RAM, and the reference the
-    streamed result is checked against (pass the streamed merge's `fisher_norms` to compare bit for bit:
-    the norms' last bits depend on how the sums were blocked)."""
+    streamed result is checked against. `fisher_norms` default to the Fishers' own (merging/fisher_norm.py:
+    the same bits as the streamed merge's)."""
     if m.needs_fisher_norms:
-        m.set_fisher_norms(fisher_norms or [math.sqrt(sum(sum_of_squares(t.to(compute_dtype(t.dtype)))
-                                                          for t in f.values())) for f in fishers])
+        m.set_fisher_norms(fisher_norms or [math.sqrt(sq_norm_of_tensors(f)) for f in fishers])
     out = {}
     for name, ref in state_dicts[0].items():
         cd = compute_dtype(ref.dtype)

@@ -2,8 +2,9 @@
 
 Where the Fisher mass Σ_i λ_i F_i⁽ʲ⁾ is below the floor ε (or zero) no model claims the entry, and the
 λ-weighted average is used instead. With `normalize`, each F_i is first divided by its global L2 norm
-over all tensors, so one model's Fisher cannot dominate just by being on a larger scale; the norms come
-from a separate pass and are handed in by the engine (`set_fisher_norms`)."""
+over all tensors, so one model's Fisher cannot dominate just by being on a larger scale; the engine hands
+the norms in (`set_fisher_norms`): from each Fisher's `sq_norm` metadata, or a pass over a file written
+before that field (merging/fisher_norm.py)."""
 
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ import struct
 import torch
 from safetensors.torch import save_file
 
+from merging.fisher_norm import FIELD as SQ_NORM
+from merging.fisher_norm import with_sq_norm
 from models.backbone import SeqRecModel
 from models.checkpoint import CheckpointMeta, file_sha256, save_checkpoint
 from models.config import BackboneConfig
@@ -55,26 +57,33 @@ def write_scrambled(path, state: dict[str, torch.Tensor], m: CheckpointMeta | No
 
 
 def make_fisher(path, checkpoint, seed: int, fisher: dict | None = None, fingerprint: str = FINGERPRINT,
-                sha256: str | None = None) -> dict[str, torch.Tensor]:
+                sha256: str | None = None, sq_norm: str | bool = True) -> dict[str, torch.Tensor]:
+    """`sq_norm`: True writes the field as estimate_fisher does, False leaves it out (a Fisher written before
+    the field existed), a string is written as it is (a tampered file)."""
     from safetensors import safe_open
 
     if fisher is None:
         g = torch.Generator().manual_seed(1000 + seed)
         with safe_open(str(checkpoint), "pt") as f:
             fisher = {k: torch.rand(f.get_slice(k).get_shape(), generator=g) for k in f.keys()}
-    save_file(fisher, str(path), metadata={"checkpoint_sha256": sha256 or file_sha256(checkpoint),
-                                           "dataset_fingerprint": fingerprint, "sampling": "exact"})
+    head = {"checkpoint_sha256": sha256 or file_sha256(checkpoint), "dataset_fingerprint": fingerprint,
+            "sampling": "exact"}
+    if sq_norm is True:
+        head = with_sq_norm(head, fisher)
+    elif sq_norm is not False:
+        head[SQ_NORM] = sq_norm
+    save_file(fisher, str(path), metadata=head)
     return fisher
 
 
-def make_merge_inputs(directory, n: int, base_seed: int, extra: dict | None = None):
+def make_merge_inputs(directory, n: int, base_seed: int, extra: dict | None = None, sq_norm: bool = True):
     """n checkpoints (seeds 0..n-1) with their Fishers and a base checkpoint, written into `directory`."""
     ckpts = [directory / f"c{i}.safetensors" for i in range(n)]
     for i, p in enumerate(ckpts):
         make_checkpoint(p, seed=i, extra={k: v.format(i=i) for k, v in (extra or {}).items()})
     fishers = [directory / f"f{i}.safetensors" for i in range(n)]
     for i, (f, c) in enumerate(zip(fishers, ckpts)):
-        make_fisher(f, c, seed=i)
+        make_fisher(f, c, seed=i, sq_norm=sq_norm)
     base = directory / "base.safetensors"
     make_checkpoint(base, seed=base_seed)
     return ckpts, fishers, base

@@ -11,10 +11,12 @@ import torch
 from app.cli import main as cli_main
 from merging.fisher import FORMAT, estimate_fisher, fisher_from_sequences, load_fisher, parse_settings
 from merging.fisher_compute import compute_fisher
+from merging.io import SafetensorsReader
 from merging.item_selection import select_items
+from merging.merge import file_sq_norm, merge_checkpoints
 from models.backbone import SeqRecModel
 from models.batching import length_batches, pad_left
-from models.checkpoint import CheckpointMeta, file_sha256, load_checkpoint, load_model, save_checkpoint
+from models.checkpoint import CheckpointMeta, atomic_save, file_sha256, load_checkpoint, load_model, save_checkpoint
 from models.config import BackboneConfig
 from models.errors import IncompatibleError, RecmergeError
 from tests.synthetic import make_planted_dataset
@@ -184,6 +186,8 @@ def test_estimate_writes_a_fisher_shaped_like_the_checkpoint(planted, tmp_path):
     assert (head["sampling"], head["n"], head["computation"], head["seed"]) == ("target", "none", "per-example", "0")
     assert head["examples"] == str(ds.n_users) and head["created_by"]
     assert json.loads(head["settings"])["sampling"] == "target"
+    with SafetensorsReader(out) as r:  # the norm a merge would compute from the file, to the last bit
+        assert float(head["sq_norm"]).hex() == file_sq_norm(r, 100, lambda f: None).hex()
     # The definition: s_i = training sequence without its last item, target = that last item.
     model = load_model(ckpt)[0].double()
     params = dict(model.named_parameters())
@@ -210,6 +214,22 @@ def test_cache_reuses_the_file(planted, tmp_path):
     first.path.write_bytes(first.path.read_bytes()[:-16])  # a truncated cache entry is not trusted
     redo = estimate_fisher(ckpt, ds, settings, cache_dir=cache)
     assert not redo.cached and load_fisher(redo.path)[0].keys() == load_fisher(other.path)[0].keys()
+
+
+def test_a_cached_fisher_written_before_sq_norm_is_still_used(planted, tmp_path):
+    ds, ckpt = planted
+    cache = tmp_path / "cache"
+    fresh = estimate_fisher(ckpt, ds, {"sampling": "target"}, cache_dir=cache, out=tmp_path / "fresh.safetensors")
+    tensors, head = load_fisher(fresh.path)
+    del head["sq_norm"]
+    atomic_save(tensors, cache / next(p.name for p in cache.iterdir()), head)  # as the cache held it before
+    old = estimate_fisher(ckpt, ds, {"sampling": "target"}, cache_dir=cache)
+    assert old.cached and "sq_norm" not in old.metadata
+    merged = [merge_checkpoints("fisher", [ckpt, ckpt], tmp_path / f"{name}.safetensors", fishers=[f, f],
+                                weights=[1, 2], options={"normalize": True}) for name, f in
+              [("new", fresh.path), ("old", old.path)]]
+    assert merged[0].sha256 == merged[1].sha256  # the old entry's norm is computed from the file, to the last bit
+    assert merged[1].bytes_read - merged[0].bytes_read == 2 * sum(t.nbytes for t in tensors.values())
 
 
 def test_refuses_a_checkpoint_of_another_dataset(planted, tmp_path):

@@ -4,6 +4,7 @@ reason and leaves no file (final or temporary) in the output directory."""
 
 import json
 import os
+import re
 import struct
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from merging.merge import build_method, merge_checkpoints, merge_state_dicts
+from merging.methods import MergeOptionsError
 from models.checkpoint import CREATED_BY, file_sha256, load_checkpoint, load_model, parse_metadata
 from models.config import BackboneConfig
 from models.errors import CheckpointError, IncompatibleError
@@ -63,11 +65,11 @@ def test_streamed_merge_equals_in_memory_merge_bit_for_bit(world, method, option
     out = world["out"] / "m.safetensors"
     res = merge_checkpoints(method, world["ckpts"], out, weights=weights, options=options, base=base,
                             fishers=fishers, chunk_bytes=chunk_bytes)
-    got, got_meta = load_checkpoint(out)
+    got, _ = load_checkpoint(out)
+    # The in-memory merge computes its own Fisher norms; the streamed one took them from the files' sq_norm.
     expected = merge_state_dicts(m, [load_checkpoint(c)[0] for c in world["ckpts"]],
                                  base=load_checkpoint(base)[0] if base else None,
-                                 fishers=[_fisher_dict(f) for f in fishers] if fishers else None,
-                                 fisher_norms=got_meta.merge.get("fisher_norms"))
+                                 fishers=[_fisher_dict(f) for f in fishers] if fishers else None)
     assert set(got) == set(expected)
     for k in expected:
         assert torch.equal(got[k], expected[k]), k
@@ -146,12 +148,15 @@ def test_dare_files_are_reproducible_per_seed(world):
     assert dare(1, "a.safetensors") != dare(2, "c.safetensors")
 
 
-def test_progress_reports_each_stage_up_to_one(world):
+@pytest.mark.parametrize("sq_norm", [True, False])
+def test_progress_reports_each_stage_up_to_one(tmp_path, sq_norm):
+    ckpts, fishers, _ = make_merge_inputs(tmp_path, 3, base_seed=99, sq_norm=sq_norm)
     seen = {}
-    merge_checkpoints("fisher", world["ckpts"], world["out"] / "m.safetensors", fishers=world["fishers"],
+    merge_checkpoints("fisher", ckpts, tmp_path / "m.safetensors", fishers=fishers,
                       options={"normalize": True}, progress=lambda s, f: seen.setdefault(s, []).append(f),
                       chunk_bytes=256)
-    assert list(seen) == ["fisher-norms", "merge"]  # the merge pass hashes the checkpoints as it reads them
+    # The merge pass hashes the checkpoints as it reads them; only Fishers without sq_norm need a norm pass.
+    assert list(seen) == (["merge"] if sq_norm else ["fisher-norms", "merge"])
     for stage, fractions in seen.items():
         assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0), stage
     assert len(seen["merge"]) > 20  # small blocks: many steps
@@ -214,8 +219,7 @@ def test_output_is_byte_for_byte_what_a_separate_hashing_pass_gave(world, method
                             chunk_bytes=chunk_bytes)
     merged = merge_state_dicts(m, [load_checkpoint(c)[0] for c in ckpts],
                                base=load_checkpoint(base)[0] if base else None,
-                               fishers=[_fisher_dict(f) for f in fishers] if fishers else None,
-                               fisher_norms=json.loads(res.metadata["merge"]).get("fisher_norms"))
+                               fishers=[_fisher_dict(f) for f in fishers] if fishers else None)
     got = out.read_bytes()
     assert got == _expected_bytes(out, ckpts, base, merged)
     assert res.sha256 == file_sha256(out) and res.output_reread == len(got)
@@ -227,9 +231,35 @@ def test_output_is_byte_for_byte_what_a_separate_hashing_pass_gave(world, method
     for p in [*ckpts, *([base] if base else [])]:
         size = os.path.getsize(p)
         expected += size + sum(t.nbytes for t in load_checkpoint(p)[0].values()) if p in out_of_order else size
-    for f in fishers or []:  # Fishers are not hashed: their tensor bytes, once per pass
-        expected += (2 if options.get("normalize") else 1) * sum(t.nbytes for t in _fisher_dict(f).values())
+    for f in fishers or []:  # not hashed: their tensor bytes, once (normalize takes the norms from sq_norm)
+        expected += sum(t.nbytes for t in _fisher_dict(f).values())
     assert res.bytes_read == expected
+
+
+@pytest.mark.parametrize("chunk_bytes", [32 << 20, 100])
+def test_normalized_fisher_merge_reads_each_input_once_and_old_fishers_give_the_same_file(tmp_path, chunk_bytes):
+    """With sq_norm in the Fishers every input byte is read once; Fishers written before the field give the
+    same file, byte for byte, at the cost of a second read of each Fisher for its norm."""
+    new, old = tmp_path / "new", tmp_path / "old"
+    new.mkdir(), old.mkdir()
+    ckpts, fishers, _ = make_merge_inputs(new, 3, base_seed=99)
+    old_fishers = [old / f.name for f in fishers]
+    for i, (f, c) in enumerate(zip(old_fishers, ckpts)):
+        make_fisher(f, c, seed=i, sq_norm=False)
+        assert "sq_norm" in _fisher_meta(fishers[i]) and "sq_norm" not in _fisher_meta(f)
+    kw = {"weights": [2.0, 1.0, 1.0], "options": {"normalize": True}, "chunk_bytes": chunk_bytes}
+    res = merge_checkpoints("fisher", ckpts, tmp_path / "a.safetensors", fishers=fishers, **kw)
+    res_old = merge_checkpoints("fisher", ckpts, tmp_path / "b.safetensors", fishers=old_fishers, **kw)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    ckpt_bytes = sum(os.path.getsize(c) for c in ckpts)  # whole files: the merge pass hashes them
+    fisher_bytes = sum(t.nbytes for f in fishers for t in _fisher_dict(f).values())
+    assert res.bytes_read == ckpt_bytes + fisher_bytes
+    assert res_old.bytes_read == ckpt_bytes + 2 * fisher_bytes
+
+
+def _fisher_meta(path) -> dict[str, str]:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
 
 
 # ---- refusals: each names its reason and leaves the output directory empty -------------------------
@@ -299,6 +329,17 @@ def _setup(case, w):
         f["extra.weight"] = f.pop("head.weight")
         make_fisher(bad, ckpts[1], 1, fisher=f)
         return fisher_kw | {"fishers": [fishers[0], str(bad)]}, IncompatibleError, "'head.weight' is missing"
+    if case.startswith("fisher-sq-norm-"):  # a tampered field, refused before anything is written
+        value = {"nan": "nan", "inf": "inf", "negative": "-2.5", "garbage": "0x1p3 or so"}[case.split("-")[-1]]
+        make_fisher(bad, ckpts[1], 1, sq_norm=value)
+        return (fisher_kw | {"fishers": [fishers[0], str(bad)], "options": {"normalize": True}}, CheckpointError,
+                "bad.safetensors: Fisher metadata sq_norm=" + re.escape(repr(value)))
+    if case in ("fisher-zero", "fisher-zero-without-sq-norm"):  # as before sq_norm: no norm to divide by
+        make_fisher(bad, ckpts[1], 1, fisher={k: torch.zeros_like(v) for k, v in _fisher_dict(fishers[1]).items()},
+                    sq_norm=case == "fisher-zero")
+        assert ("sq_norm" in _fisher_meta(bad)) == (case == "fisher-zero")
+        return (fisher_kw | {"fishers": [fishers[0], str(bad)], "options": {"normalize": True}}, MergeOptionsError,
+                "Fisher 2 is zero everywhere")
     if case in ("fisher-inf", "fisher-inf-normalized", "fisher-negative"):
         f = {k: v.clone() for k, v in _fisher_dict(fishers[1]).items()}
         last = list(f)[-1]
@@ -337,7 +378,9 @@ def _setup(case, w):
 
 BAD_CASES = ["backbone", "n_items", "fingerprint", "base-fingerprint", "missing-tensor", "shape", "dtype", "nan",
              "inf-base", "fisher-of-another-checkpoint", "fisher-fingerprint", "fisher-shape", "fisher-names",
-             "fisher-inf", "fisher-inf-normalized", "fisher-negative", "negative-weight", "zero-weights",
+             "fisher-inf", "fisher-inf-normalized", "fisher-negative", "fisher-sq-norm-nan", "fisher-sq-norm-inf",
+             "fisher-sq-norm-negative", "fisher-sq-norm-garbage", "fisher-zero", "fisher-zero-without-sq-norm",
+             "negative-weight", "zero-weights",
              "no-base", "no-fisher", "no-score", "pickle", "pickle-renamed", "not-recmerge", "overwrite-input"]
 
 
