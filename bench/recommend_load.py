@@ -244,7 +244,7 @@ def render(rows: list[dict], args, generator: str) -> str:
         lines.append(f"| {r['setup']} | {r['endpoint']} | {r['concurrency']} | {r['rps']:.0f} | {r['p50']:.1f} | "
                      f"{r['p99']:.1f} | "
                      f"{r['errors']} | {r['requests']} | {batch} | {r['load']:.1f} |")
-    cmd = " ".join(["nice -n 10 .venv/bin/python bench/recommend_load.py", f"--duration {args.duration:g}",
+    cmd = " ".join([".venv/bin/python bench/recommend_load.py", f"--duration {args.duration:g}",
                     *(["--out", str(args.out)] if args.out else [])])
     return "\n".join([
         "# GET /recommend under load",
