@@ -14,6 +14,9 @@ import math
 import os
 import struct
 import tempfile
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +31,38 @@ DTYPES = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class _BackgroundSha256:
+    """sha256 fed on a worker thread, so hashing what a merge reads overlaps the merge's own arithmetic
+    (hashlib releases the GIL on large updates). Updates run in the order given: all readers share one
+    worker. At most `_MAX_PENDING` copies of read blocks wait per hash, which bounds the memory."""
+
+    _MAX_PENDING = 8
+    _executor: ThreadPoolExecutor | None = None
+    _lock = threading.Lock()
+
+    def __init__(self):
+        self._sha = hashlib.sha256()
+        self._pending: deque[Future] = deque()
+
+    @classmethod
+    def _worker(cls) -> ThreadPoolExecutor:
+        with cls._lock:
+            if cls._executor is None:
+                cls._executor = ThreadPoolExecutor(1, thread_name_prefix="recmerge-sha256")
+            return cls._executor
+
+    def update(self, data) -> None:
+        while len(self._pending) >= self._MAX_PENDING:
+            self._pending.popleft().result()
+        # A copy: the caller's buffer becomes a tensor the merge may change before the worker gets to it.
+        self._pending.append(self._worker().submit(self._sha.update, bytes(data)))
+
+    def hexdigest(self) -> str:
+        while self._pending:
+            self._pending.popleft().result()
+        return self._sha.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -104,7 +139,7 @@ class SafetensorsReader:
                 if info.offset < end:
                     return False
                 end = info.offset + info.nbytes
-        self._sha, self._hashed_to = hashlib.sha256(), 0
+        self._sha, self._hashed_to = _BackgroundSha256(), 0
         return True
 
     def finish_hash(self) -> str | None:
