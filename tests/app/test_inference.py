@@ -88,7 +88,9 @@ def test_make_forward_and_settings_refuse_unknown_values():
         Settings(FORWARD="fork")
 
 
-def test_two_batches_are_out_at_once():
+def _timed_batches(pipeline: int, arrivals: list[float]) -> tuple[list, list[tuple[float, float, int]], MicroBatcher]:
+    """Requests x = 0, 1, ... arriving after the given delays; each batch sleeps 0.3 s and answers x + 1.
+    Returns (answers, sorted (start, end, size) of every batch, the batcher)."""
     spans: list[tuple[float, float, int]] = []
 
     def run(batch):
@@ -97,7 +99,7 @@ def test_two_batches_are_out_at_once():
         spans.append((start, time.perf_counter(), len(batch)))
         return [x + 1 for x in batch]
 
-    batcher = MicroBatcher(run, max_batch=32, max_wait_s=0.001, pipeline=2)
+    batcher = MicroBatcher(run, max_batch=32, max_wait_s=0.001, pipeline=pipeline)
 
     async def call(x, delay):
         await asyncio.sleep(delay)
@@ -105,37 +107,23 @@ def test_two_batches_are_out_at_once():
             return await batcher.submit(x)
 
     async def go():
-        # the first request starts a batch alone; the next three arrive while it computes
-        return await asyncio.gather(call(0, 0), call(1, 0.1), call(2, 0.1), call(3, 0.1))
+        return await asyncio.gather(*(call(x, d) for x, d in enumerate(arrivals)))
 
-    assert asyncio.run(go()) == [1, 2, 3, 4]
-    spans.sort()
+    answers = asyncio.run(go())
+    batcher.close()
+    return answers, sorted(spans), batcher
+
+
+def test_two_batches_are_out_at_once():
+    # the first request starts a batch alone; the next three arrive while it computes
+    answers, spans, batcher = _timed_batches(2, [0, 0.1, 0.1, 0.1])
+    assert answers == [1, 2, 3, 4]
     assert [n for _, _, n in spans] == [1, 3]
     assert spans[1][0] < spans[0][1]  # the second batch started before the first ended
-    assert batcher.in_flight == 0 and batcher._dispatched == 0
-    batcher.close()
+    assert batcher.in_flight == 0
 
 
 def test_one_batch_at_a_time_when_pipeline_is_one():
-    spans: list[tuple[float, float]] = []
-
-    def run(batch):
-        start = time.perf_counter()
-        time.sleep(0.2)
-        spans.append((start, time.perf_counter()))
-        return list(batch)
-
-    batcher = MicroBatcher(run, max_batch=32, max_wait_s=0.001, pipeline=1)
-
-    async def call(x, delay):
-        await asyncio.sleep(delay)
-        with batcher.reserve():
-            return await batcher.submit(x)
-
-    async def go():
-        return await asyncio.gather(call(0, 0), call(1, 0.05), call(2, 0.05))
-
-    assert asyncio.run(go()) == [0, 1, 2]
-    spans.sort()
-    assert len(spans) == 2 and spans[1][0] >= spans[0][1]
-    batcher.close()
+    answers, spans, _ = _timed_batches(1, [0, 0.1, 0.1])
+    assert answers == [1, 2, 3]
+    assert [n for _, _, n in spans] == [1, 2] and spans[1][0] >= spans[0][1]
