@@ -1,9 +1,9 @@
-"""Serving recommendations: loaded models stay in an LRU cache, and concurrent requests are batched
-into one forward pass.
+"""Serving recommendations: concurrent requests are batched, and each batch goes to the forward side
+(app/inference.py: a child process by default), which keeps the networks loaded in an LRU cache.
 
 The request path never touches the database or the disk once its model is warm: a model id or alias
-resolves through a small TTL map, the model and its dataset come from the caches, and the only query
-(the users' API events) runs once per batch, in the same worker thread as the forward pass.
+resolves through a small TTL map, the model's dataset comes from a cache, and the only query (the users'
+API events) runs once per batch, in the batcher's worker thread that then hands the batch to the forward side.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ class MicroBatcher:
 
 @dataclass(frozen=True)
 class Served:
-    """A model ready to answer: the network, its prepared dataset, and the dataset's id (events are keyed by it)."""
+    """A model ready to answer: its checkpoint, its prepared dataset, and the dataset's id (events are keyed by it)."""
 
     id: str
     dataset_id: str
