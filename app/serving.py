@@ -191,6 +191,8 @@ class Recommender:
         self.models = LRUCache(settings.MODEL_CACHE_SIZE, lambda r: metrics.cache.labels(r).inc())
         self.datasets = LRUCache(settings.MODEL_CACHE_SIZE)
         self._refs: dict[str, tuple[str, float]] = {}  # model id or alias -> (model id, valid until)
+        self._lookups: dict[str, asyncio.Future] = {}  # ref -> its one lookup in flight
+        self._epochs: dict[str, int] = defaultdict(int)  # bumped by forget: a lookup begun before is void
 
         def observe(size: int, seconds: float) -> None:
             metrics.batch_size.observe(size)
@@ -202,16 +204,43 @@ class Recommender:
                                     settings.BATCH_PIPELINE)
 
     # --- finding a model -------------------------------------------------------------------------
-    def _resolve(self, ref: str) -> str:
+    def _resolve(self, ref: str, epoch: int) -> str:
         with self.sessions() as s:
             m = resolve(s, ref)
-        # An id always names the same model; an alias may be switched by another process.
-        self._refs[ref] = (m.id, float("inf") if ref == m.id else time.monotonic() + self.alias_ttl)
+        if self._epochs[ref] == epoch:  # not switched by this process meanwhile
+            # An id always names the same model; an alias may be switched by another process.
+            self._refs[ref] = (m.id, float("inf") if ref == m.id else time.monotonic() + self.alias_ttl)
         return m.id
+
+    def _lookup(self, ref: str) -> asyncio.Future:
+        """The one database lookup of `ref` in flight, started if there is none: when an alias's entry
+        expired under load, every request of the next few milliseconds used to run its own lookup in a
+        thread (a herd of queries once a second, each fighting the event loop for the GIL)."""
+        fut = self._lookups.get(ref)
+        if fut is None:
+            fut = asyncio.ensure_future(run_in_threadpool(self._resolve, ref, self._epochs[ref]))
+            self._lookups[ref] = fut
+            fut.add_done_callback(lambda f: self._lookups.pop(ref, None) if self._lookups.get(ref) is f else None)
+        return fut
+
+    async def _model_id(self, ref: str) -> str:
+        hit, now = self._refs.get(ref), time.monotonic()
+        if hit is None or now >= hit[1] + self.alias_ttl:
+            return await asyncio.shield(self._lookup(ref))
+        if now >= hit[1]:
+            # Just expired: answer from the entry while one lookup refreshes it in the background; an
+            # entry older than twice the TTL is never used, so another process's switch shows within
+            # 2 x ALIAS_TTL_S. A failed refresh (alias deleted) drops the entry: the next request looks up
+            # in the open and gets the error.
+            self._lookup(ref).add_done_callback(
+                lambda f: self._refs.pop(ref, None) if not f.cancelled() and f.exception() else None)
+        return hit[0]
 
     def forget(self, ref: str) -> None:
         """This process switched an alias: the next request must see it at once."""
+        self._epochs[ref] += 1
         self._refs.pop(ref, None)
+        self._lookups.pop(ref, None)
 
     def dataset(self, fingerprint: str) -> PreparedDataset:
         return self.datasets.get(fingerprint, self._load_dataset)
@@ -230,8 +259,7 @@ class Recommender:
         return Served(row.id, row.dataset_id, str(self.store.path_for(row.sha256)), self.dataset(fingerprint))
 
     async def served(self, ref: str) -> Served:
-        hit = self._refs.get(ref)
-        model_id = hit[0] if hit and hit[1] > time.monotonic() else await run_in_threadpool(self._resolve, ref)
+        model_id = await self._model_id(ref)
         return self.models.peek(model_id) or await run_in_threadpool(self.models.get, model_id, self._load)
 
     # --- answering -------------------------------------------------------------------------------

@@ -34,13 +34,14 @@ class Settings(BaseSettings):
     BATCH_WAIT_MS: float = 2.0
     BATCH_MAX: int = 32
     BATCH_PIPELINE: int = 2  # batches out at once: the next one is ready when the forward side frees up
-    # A batch runs in length-sorted chunks of this many histories: padding 32 histories to the longest
-    # (ml-1m: median 96, a quarter at 200) cost more than the bigger matrix products saved (~2x on CPU).
-    FORWARD_CHUNK: int = 8
+    # Histories per forward pass. The packed path (models/packed.py) computes no padding, so one pass per
+    # batch is best; with padding (non-BERT4Rec/SASRec scorers) chunks of ~8 were (ml-1m: median 96, a
+    # quarter at 200).
+    FORWARD_CHUNK: int = 32
     # Where forward passes run: "process" (a child process: no GIL shared with the event loop) or "thread".
     FORWARD: Literal["process", "thread"] = "process"
     TORCH_THREADS: int = 0  # forward-pass threads; 0 = half the cores (the event loop needs the rest), >= 1
-    ALIAS_TTL_S: float = 1.0  # how stale another process's alias switch may look to this one
+    ALIAS_TTL_S: float = 1.0  # an alias switched by another process shows here within 2x this (0: at once)
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> Settings:

@@ -141,6 +141,17 @@ class SeqRecModel(nn.Module):
         h = self.encode(self.inference_tokens(history), last_only=True)  # only the final position is scored
         return self.logits(h[:, -1])
 
+    def packed_scores(self, histories) -> torch.Tensor:
+        """next_item_scores for a list of 1-D histories of any lengths, without padding work
+        (models/packed.py); equal to next_item_scores on the padded batch up to float rounding."""
+        from models.packed import final_states  # packed reaches into this module's blocks
+
+        seqs = [self.inference_tokens(torch.as_tensor(h, device=self.item_emb.weight.device).reshape(1, -1))[0]
+                for h in histories]
+        # An empty causal history has no tokens: one padding token gives what a padded row of zeros gives.
+        seqs = [s if len(s) else s.new_zeros(1) for s in seqs]
+        return self.logits(final_states(self, seqs))
+
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

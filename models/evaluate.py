@@ -206,6 +206,9 @@ def model_mode(model, train: bool = False):
         yield
         return
     was_training = model.training
+    if was_training == train:  # train() walks every submodule: ~0.5 ms per call, twice per served batch
+        yield
+        return
     model.train(train)
     try:
         yield

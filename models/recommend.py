@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from models.batching import length_batches
 from models.errors import DataError, RecmergeError
 from models.evaluate import as_scorer, history_mask, model_mode, padded_batches
 
@@ -34,9 +35,10 @@ def top_k(model, histories: Sequence[Sequence[int]], k: int, n_items: int, exclu
     score, cap, dev = as_scorer(model, device)
     items = np.zeros((len(histories), k), dtype=np.int64)
     scores = np.full((len(histories), k), -np.inf, dtype=np.float32)
+    packed = getattr(model, "packed_scores", None)
     with torch.no_grad(), model_mode(model):
-        for idx, tokens in padded_batches(histories, batch_size, cap):
-            s = score(tokens.to(dev)).float()  # (B, n_items)
+        for idx, tokens in _batches(histories, batch_size, cap, packed is not None):
+            s = (packed(tokens) if packed is not None else score(tokens.to(dev))).float()  # (B, n_items)
             s = torch.nan_to_num(s, nan=-torch.inf)
             if exclude_history:
                 s = s.masked_fill(history_mask([histories[i] for i in idx], n_items, dev), -torch.inf)
@@ -45,6 +47,15 @@ def top_k(model, histories: Sequence[Sequence[int]], k: int, n_items: int, exclu
             items[idx] = ids.cpu().numpy()
             scores[idx] = val.cpu().numpy()
     return items, scores
+
+
+def _batches(histories, batch_size: int, cap: int | None, packed: bool):
+    """(row indices, a padded (B, T) batch, or the B histories themselves for a packed scorer)."""
+    if not packed:
+        yield from padded_batches(histories, batch_size, cap)
+        return
+    for idx in length_batches([len(h) for h in histories], batch_size):
+        yield idx, [torch.from_numpy(np.require(histories[i], requirements="W")) for i in idx]
 
 
 def recommend_history(model, history: Sequence[int], k: int, n_items: int, exclude_history: bool = True,

@@ -160,6 +160,45 @@ def test_alias_switched_by_another_process_is_seen_within_ttl(make_service, tmp_
     assert a.client.get("/recommend/u1", params={"model": "live"}).json()["model_id"] == ids[1]
 
 
+def test_expired_alias_is_looked_up_once_for_a_crowd_of_requests(make_service, tmp_path):
+    import asyncio
+    import time
+
+    from sqlalchemy import event
+
+    from app.db import make_engine, make_sessionmaker
+    from app.services.models import set_alias
+
+    a = make_service(ALIAS_TTL_S=30.0)
+    d = a.upload_dataset()
+    ids = [a.upload_recipe(checkpoint_bytes(tmp_path, d["fingerprint"], d["n_items"], seed=s), d["id"],
+                           name=f"m{s}").json()["id"] for s in (1, 2)]
+    a.client.put("/aliases/live", json={"model_id": ids[0]})
+    rec = a.app.state.recommender
+    lookups = []
+    event.listen(rec.engine, "before_cursor_execute",
+                 lambda conn, cursor, statement, *rest: lookups.append(statement) if "aliases" in statement else None)
+
+    def crowd(n=40, then_wait_for=None):
+        async def go():
+            answers = await asyncio.gather(*(rec._model_id("live") for _ in range(n)))
+            deadline = time.monotonic() + 10  # the loop must live on for a background refresh to land
+            while then_wait_for and rec._refs["live"][0] != then_wait_for and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            return answers
+        return asyncio.run(go())
+
+    assert crowd() == [ids[0]] * 40 and len(lookups) == 1  # a cold entry: one lookup shared by all
+    assert crowd() == [ids[0]] * 40 and len(lookups) == 1  # a fresh entry: no lookup
+    with make_sessionmaker(make_engine(a.app.state.settings.DATABASE_URL))() as s:
+        set_alias(s, "live", ids[1])  # switched by another process
+    rec._refs["live"] = (ids[0], time.monotonic() - 1.0)  # expired a second ago: within the grace of one TTL
+    assert crowd(then_wait_for=ids[1]) == [ids[0]] * 40  # answered at once from the entry...
+    assert rec._refs["live"][0] == ids[1] and len(lookups) == 2  # ...while exactly one lookup refreshed it
+    rec._refs["live"] = (ids[0], time.monotonic() - 61.0)  # older than twice the TTL: never served
+    assert crowd() == [ids[1]] * 40 and len(lookups) == 3
+
+
 def test_health_ready_metrics(svc, dataset, recipe):
     assert svc.client.get("/healthz").json() == {"status": "ok"}
     assert svc.client.get("/readyz").json() == {"status": "ok", "database": "ok", "store": "ok"}

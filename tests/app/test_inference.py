@@ -73,6 +73,42 @@ def test_a_killed_child_is_replaced_and_the_batch_answered(ckpt, child):
     np.testing.assert_array_equal(after, before)
 
 
+def _many_calls(child, ckpt, n_calls: int, during=None) -> tuple[list, list]:
+    """n_calls batches sent from 4 threads at once (so they queue in the pipe), with their expected
+    answers from the in-thread path; `during` runs while they are in flight."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    batches = [_histories(100 + i, 1 + i % 7) for i in range(n_calls)]
+    local = LocalForward(2, 1, 4)
+    want = [local.top_k("m", ckpt, b, 5, N_ITEMS)[0] for b in batches]
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(child.top_k, "m", ckpt, b, 5, N_ITEMS) for b in batches]
+        if during:
+            during()
+        got = [f.result()[0] for f in futures]
+    return got, want
+
+
+def test_calls_queued_in_the_pipe_get_their_own_answers(ckpt, child):
+    got, want = _many_calls(child, ckpt, 60)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_a_child_killed_with_calls_queued_is_replaced_and_every_call_answered(ckpt, child):
+    child.top_k("m", ckpt, _histories(5, 1), 3, N_ITEMS)  # started and warm
+    old = child.pid
+
+    def kill_soon():
+        time.sleep(0.05)
+        os.kill(old, signal.SIGKILL)
+
+    got, want = _many_calls(child, ckpt, 400, during=kill_soon)
+    assert child.pid not in (None, old)  # the kill landed while calls were queued
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
 def test_missing_checkpoint_names_the_file(tmp_path, child):
     missing = tmp_path / "gone.safetensors"
     with pytest.raises(Exception, match="gone.safetensors"):
