@@ -253,8 +253,9 @@ class SafetensorsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         self._f = os.fdopen(fd, "wb")
-        # A running hash would cover the stand-in header, which the final file does not hold.
-        self._sha = None if provisional else hashlib.sha256()
+        # A running hash would cover the stand-in header, which the final file does not hold. The running
+        # one is fed on the sha256 worker thread, beside the merge arithmetic.
+        self._sha = None if provisional else _BackgroundSha256()
         self._provisional = provisional
         self._index, self._left = 0, self._plan[0][2] if self._plan else 0
         self._put(head)

@@ -27,6 +27,7 @@ from merging.methods import MergeMethod, MergeOptionsError, get_method
 from merging.methods.base import TensorInputs
 from merging.methods.greedy_soup import greedy_select
 from models.checkpoint import CheckpointMeta, file_sha256
+from models.errors import CheckpointError
 
 Progress = Callable[[str, float], None] | None
 # Per input block. Measured on 6 x 205 MB inputs: 4 MB was fastest; 32 MB blocks sit above glibc's largest
@@ -174,11 +175,16 @@ def merge_checkpoints(method: str, checkpoints: Sequence[str | os.PathLike], out
                       base: str | os.PathLike | None = None, fishers: Sequence[str | os.PathLike] | None = None,
                       score: Callable[[dict[str, torch.Tensor]], float] | None = None,
                       progress: Progress = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                      threads: int | None = 1) -> MergeResult:
+                      threads: int | None = 1, sha256s: Sequence[str] | None = None) -> MergeResult:
     """Merge `checkpoints` with `method` into the safetensors file `out`; nothing is left at (or beside)
     `out` unless the whole merge succeeds. `score(state_dict) -> float` is needed by greedy-soup only.
     `threads`: torch intra-op threads for the streaming passes (None leaves torch's setting alone; the
-    setting is process-wide while the passes run)."""
+    setting is process-wide while the passes run).
+    `sha256s`: the digests of the checkpoints (then the base), when the caller already knows them, as a
+    content-addressed store does. The header is then final before the first tensor, so the output is hashed
+    as it is written instead of read back, and a Fisher of another checkpoint is refused before anything
+    is written. Each digest is still checked against the bytes the merge reads: a file that no longer
+    matches is refused and leaves nothing behind."""
     t0 = time.perf_counter()
     report = progress or (lambda stage, f: None)
     n = len(checkpoints)
@@ -201,13 +207,18 @@ def merge_checkpoints(method: str, checkpoints: Sequence[str | os.PathLike], out
         # The digests go into the header, which is written first. Normally the merge pass hashes each input
         # as it reads it front to back, and the header is rewritten at the end (see _finish_hashes). Greedy
         # soup cannot: it reads its candidates several times, and its last pass reads only the kept ones.
-        shas: list[str | None] = [None] * len(hashed)
+        if sha256s is not None and (len(sha256s) != len(hashed) or not all(_is_digest(d) for d in sha256s)):
+            raise MergeOptionsError(f"sha256s: expected {len(hashed)} sha256 hex digests (the checkpoints, then the "
+                                    f"base), got {list(sha256s)!r}")
+        given: list[str | None] = list(sha256s) if sha256s is not None else [None] * len(hashed)
+        shas = list(given)
         separately = 0  # bytes read by a separate hashing pass
         if m.needs_score:
             for k, ing in enumerate(hashed):
                 shas[k] = file_sha256(ing.path)
                 separately += ing.path.stat().st_size
                 report("hash", (k + 1) / len(hashed))
+            _check_given(hashed, given, shas)
         if fisher_readers:
             for f, ing, sha in zip(fisher_readers, ings, shas):
                 # With sha None the sha256 is compared after the merge pass, before the commit: knowing it now
@@ -233,16 +244,19 @@ def merge_checkpoints(method: str, checkpoints: Sequence[str | os.PathLike], out
         entries = [(name, info.dtype, info.shape) for name, info in ings[0].reader.tensors.items()]
         for r in [i.reader for i in used] + ([base_ing.reader] if base_ing else []) + (fisher_readers or []):
             r.drop_cache = True  # the last pass over the inputs
+        verify = not m.needs_score  # the merge pass hashes every input: digests unknown, or given to check
         with SafetensorsWriter(out, entries, metadata, provisional=provisional) as writer, torch_threads(threads):
-            if provisional:
+            if verify:
                 for ing in hashed:  # one laid out unlike the first checkpoint is hashed on its own afterwards
                     ing.reader.hash_as_read(list(ings[0].reader.tensors))
             _stream(m, used, base_ing, fisher_readers, writer.write, chunk_bytes, lambda f: report("merge", f))
-            if provisional:
+            if verify:
                 shas, extra = _finish_hashes(hashed, report)
                 separately += extra
+                _check_given(hashed, given, shas)  # a refusal here still leaves nothing behind
                 for f, ing, sha in zip(fisher_readers or [], ings, shas):
-                    check_fisher_checkpoint(f, ing, sha)  # a refusal here still leaves nothing behind
+                    check_fisher_checkpoint(f, ing, sha)
+            if provisional:
                 metadata = metadata_for(shas)
                 writer.rewrite_header(metadata)
             sha = writer.commit()
@@ -253,6 +267,17 @@ def merge_checkpoints(method: str, checkpoints: Sequence[str | os.PathLike], out
 
 
 _NO_DIGEST = "0" * 64
+
+
+def _is_digest(d) -> bool:
+    return isinstance(d, str) and len(d) == 64 and all(c in "0123456789abcdef" for c in d)
+
+
+def _check_given(hashed: list[Ingredient], given: list[str | None], shas: list[str]) -> None:
+    for ing, want, got in zip(hashed, given, shas):
+        if want is not None and want != got:
+            raise CheckpointError(f"{ing.path}: its sha256 is {got[:12]}…, but {want[:12]}… was given for it "
+                                  f"(the file changed after its digest was taken)")
 
 
 def _finish_hashes(hashed: list[Ingredient], report) -> tuple[list[str], int]:

@@ -190,7 +190,7 @@ def merge(a: Attempt) -> Record:
 
     spec = _spec(MergeSpec, a.payload)
     rows, paths = zip(*(a.res.model(m) for m in spec.model_ids))
-    base = a.res.model(spec.base_model_id)[1] if spec.base_model_id else None
+    base_row, base = a.res.model(spec.base_model_id) if spec.base_model_id else (None, None)
     ds_row, ds = a.res.dataset(rows[0].dataset_id)
     fishers = None
     if spec.method == "fisher":
@@ -211,8 +211,9 @@ def merge(a: Attempt) -> Record:
 
         score = validation_score(ds, read_metadata(paths[0]).backbone, a.res.device)
     merged = merge_checkpoints(spec.method, list(paths), out, weights=spec.weights, options=spec.options,
-                               base=base, fishers=fishers, score=score,
-                               progress=a.scaled(0.0, 1 / steps))
+                               base=base, fishers=fishers, score=score, progress=a.scaled(0.0, 1 / steps),
+                               # the store names files by their sha256: the merge checks them as it reads
+                               sha256s=[r.sha256 for r in rows] + ([base_row.sha256] if base_row else []))
     if spec.finetune_epochs:
         out = finetune(a, ds, merged, spec.finetune_epochs, progress=a.scaled(1 / steps, 2 / steps, "finetune "))
     metrics = None
@@ -220,7 +221,7 @@ def merge(a: Attempt) -> Record:
         model, _ = load_model(out, device=a.res.device or "cpu")
         metrics = _evaluate(model, ds, ["valid", "test"], spec.protocols, a.res.device,
                             a.scaled((steps - 1) / steps, 1.0))
-    sha = a.res.store.put_file(out)
+    sha = a.res.store.put_file(out, sha256=None if spec.finetune_epochs else merged.sha256)
     name = spec.name or f"{spec.method}({', '.join(r.name for r in rows)})"
     fields = _model_fields(a, out, sha, "merged", name, ds_row.id, metrics)
 

@@ -421,3 +421,51 @@ def test_half_precision_inputs_merge_in_float32_and_keep_their_dtype(world):
     expected = ((a["head.weight"].float() + 3 * b["head.weight"].float()) / 4).bfloat16()
     assert torch.equal(got["head.weight"], expected)
 
+
+
+# --- digests the caller already knows (the store) ------------------------------------------------------
+@pytest.mark.parametrize("method, options, with_base", [("fisher", {"normalize": True}, False),
+                                                         ("ties", {"density": 0.5}, True),
+                                                         ("greedy-soup", {}, False)])
+def test_given_digests_give_the_same_file_without_reading_it_back(world, method, options, with_base):
+    kw = {"options": options, "chunk_bytes": 100}
+    if method == "fisher":
+        kw["fishers"] = world["fishers"]
+    if with_base:
+        kw["base"] = world["base"]
+    if method == "greedy-soup":
+        kw["score"] = lambda sd: float(sd["out_bias"].sum())
+    inputs = world["ckpts"] + ([world["base"]] if with_base else [])
+    plain = merge_checkpoints(method, world["ckpts"], world["out"] / "plain.safetensors", **kw)
+    given = merge_checkpoints(method, world["ckpts"], world["out"] / "given.safetensors",
+                              sha256s=[file_sha256(p) for p in inputs], **kw)
+    assert (world["out"] / "given.safetensors").read_bytes() == (world["out"] / "plain.safetensors").read_bytes()
+    assert given.sha256 == plain.sha256 == file_sha256(world["out"] / "given.safetensors")
+    if method != "greedy-soup":  # greedy soup hashes its inputs apart from the merge pass either way
+        assert plain.output_reread > 0 and given.output_reread == 0
+
+
+def test_a_given_digest_that_does_not_match_is_refused_and_leaves_nothing(world):
+    digests = [file_sha256(p) for p in world["ckpts"]]
+    digests[1] = "ab" * 32
+    with pytest.raises(CheckpointError, match=r"c1\.safetensors: its sha256 is .*, but abababababab… was given"):
+        merge_checkpoints("weighted", world["ckpts"], world["out"] / "m.safetensors", weights=[1, 2, 3],
+                          sha256s=digests, chunk_bytes=100)
+    assert os.listdir(world["out"]) == []
+
+
+def test_with_given_digests_a_fisher_of_another_checkpoint_is_refused_before_the_merge_pass(world):
+    stages = []
+    fishers = [world["fishers"][1], world["fishers"][0], world["fishers"][2]]  # 0 and 1 swapped
+    with pytest.raises(IncompatibleError, match="Fisher was computed for checkpoint sha256"):
+        merge_checkpoints("fisher", world["ckpts"], world["out"] / "m.safetensors", fishers=fishers,
+                          sha256s=[file_sha256(p) for p in world["ckpts"]],
+                          progress=lambda stage, f: stages.append(stage))
+    assert "merge" not in stages and os.listdir(world["out"]) == []
+
+
+@pytest.mark.parametrize("bad", [["0" * 64], ["0" * 64] * 2 + ["xyz"], ["0" * 63] * 3, ["A" * 64] * 3])
+def test_malformed_digest_lists_are_refused(world, bad):
+    with pytest.raises(MergeOptionsError, match="sha256s: expected 3 sha256 hex digests"):
+        merge_checkpoints("uniform", world["ckpts"], world["out"] / "m.safetensors", sha256s=bad)
+    assert os.listdir(world["out"]) == []
