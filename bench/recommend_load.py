@@ -260,10 +260,10 @@ def render(rows: list[dict], args, generator: str) -> str:
         f"(6,040 users, 3,706 items) uploaded through POST /datasets and POST /recipes, served through the alias "
         f"`production`; each request is a random ml-1m user, k={args.k}, history = the user's whole sequence.",
         "'mean batch' = requests answered by one call of the micro-batcher (server's /metrics), which runs "
-        "them as length-sorted forward passes of up to RECMERGE_FORWARD_CHUNK (8); 'load avg' = 1-minute "
-        "load average after the row (the machine is shared). 'default' = the shipped settings (forward passes "
-        "in a child process, two batches out at once); the other server, started after it in the same run, "
-        "differs only by the settings its name lists.",
+        "them as packed forward passes (models/packed.py) of up to RECMERGE_FORWARD_CHUNK histories; 'load avg' "
+        "= 1-minute load average after the row (the machine is shared). 'default' = the shipped settings "
+        "(forward passes in a child process, batches queued in its pipe, two batches out at once); the other "
+        "server, started after it in the same run, differs only by the settings its name lists.",
         "",
         *lines,
         "",
