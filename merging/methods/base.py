@@ -52,6 +52,10 @@ def _validate(schema: type[BaseModel], values: dict[str, Any], method: str, wher
 
 
 class MergeMethod:
+    """A merge method. `merge(x)` returns a new tensor and never writes to `x`'s tensors: the engine hashes
+    the blocks it read on another thread while the merge runs (tests/merging/test_methods.py checks every
+    registered method)."""
+
     name: ClassVar[str]
     summary: ClassVar[str]
     Options: ClassVar[type[BaseModel]] = NoOptions

@@ -184,3 +184,23 @@ def test_bad_options_are_field_errors(method, options, weights, message):
 def test_options_from_strings_are_converted():
     m = build_method("fisher", 2, {"normalize": "true", "epsilon": "1e-3"})
     assert m.options.normalize is True and m.options.epsilon == 1e-3
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_no_method_writes_to_its_inputs(name):
+    # The engine hashes the blocks it read while the merge runs, without copying them (merging/io.py).
+    cls = get_method(name)
+    gen = torch.Generator().manual_seed(0)
+    x = TensorInputs("w", [torch.randn(6, 5, generator=gen) for _ in range(3)],
+                     base=torch.randn(6, 5, generator=gen) if cls.needs_base else None,
+                     fishers=[torch.rand(6, 5, generator=gen) for _ in range(3)] if cls.needs_fisher else None)
+    x.fishers and x.fishers[1].view(-1)[:7].zero_()  # zero-Fisher entries take the fallback path too
+    before = [t.clone() for t in [*x.tensors, *([x.base] if x.base is not None else []), *(x.fishers or [])]]
+    m = build_method(name, 3, {"normalize": True} if name == "fisher" else None)
+    if name == "fisher":
+        m.set_fisher_norms([2.0, 3.0, 4.0])
+    out = m.merge(x)
+    after = [*x.tensors, *([x.base] if x.base is not None else []), *(x.fishers or [])]
+    for b, a in zip(before, after):
+        assert torch.equal(a, b)
+        assert out.data_ptr() != a.data_ptr()  # a new tensor, not one of the inputs
