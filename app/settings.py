@@ -35,8 +35,8 @@ class Settings(BaseSettings):
     BATCH_MAX: int = 32
     BATCH_PIPELINE: int = 2  # batches out at once: the next one is ready when the forward side frees up
     # Histories per forward pass. The packed path (models/packed.py) computes no padding, so one pass per
-    # batch is best; with padding (non-BERT4Rec/SASRec scorers) chunks of ~8 were (ml-1m: median 96, a
-    # quarter at 200).
+    # batch is best; scorers without it pad each chunk to its longest history, and there chunks of ~8 were
+    # best (ml-1m: median 96, a quarter at 200).
     FORWARD_CHUNK: int = 32
     # Where forward passes run: "process" (a child process: no GIL shared with the event loop) or "thread".
     FORWARD: Literal["process", "thread"] = "process"

@@ -143,20 +143,29 @@ def test_alias_hot_swap(svc, dataset, recipe, tmp_path):
     assert svc.client.get("/aliases/production").json()["model_id"] == other["id"]
 
 
-def test_alias_switched_by_another_process_is_seen_within_ttl(make_service, tmp_path):
-    a = make_service(ALIAS_TTL_S=0.0)
+def _alias_over_two_models(make_service, tmp_path, ttl: float):
+    """A service with two recipes and the alias `live` on the first; returns (service, the two ids)."""
+    a = make_service(ALIAS_TTL_S=ttl)
     d = a.upload_dataset()
     ids = [a.upload_recipe(checkpoint_bytes(tmp_path, d["fingerprint"], d["n_items"], seed=s), d["id"],
                            name=f"m{s}").json()["id"] for s in (1, 2)]
     a.client.put("/aliases/live", json={"model_id": ids[0]})
-    assert a.client.get("/recommend/u1", params={"model": "live"}).json()["model_id"] == ids[0]
-    # Another API process on the same database and store switches the alias.
+    return a, ids
+
+
+def _switch_in_another_process(svc, name: str, model_id: str) -> None:
+    """What another API process on the same database does: its own engine, its own session."""
     from app.db import make_engine, make_sessionmaker
     from app.services.models import set_alias
 
-    other = make_sessionmaker(make_engine(a.app.state.settings.DATABASE_URL))
-    with other() as s:
-        set_alias(s, "live", ids[1])
+    with make_sessionmaker(make_engine(svc.app.state.settings.DATABASE_URL))() as s:
+        set_alias(s, name, model_id)
+
+
+def test_alias_switched_by_another_process_is_seen_within_ttl(make_service, tmp_path):
+    a, ids = _alias_over_two_models(make_service, tmp_path, ttl=0.0)
+    assert a.client.get("/recommend/u1", params={"model": "live"}).json()["model_id"] == ids[0]
+    _switch_in_another_process(a, "live", ids[1])
     assert a.client.get("/recommend/u1", params={"model": "live"}).json()["model_id"] == ids[1]
 
 
@@ -166,14 +175,7 @@ def test_expired_alias_is_looked_up_once_for_a_crowd_of_requests(make_service, t
 
     from sqlalchemy import event
 
-    from app.db import make_engine, make_sessionmaker
-    from app.services.models import set_alias
-
-    a = make_service(ALIAS_TTL_S=30.0)
-    d = a.upload_dataset()
-    ids = [a.upload_recipe(checkpoint_bytes(tmp_path, d["fingerprint"], d["n_items"], seed=s), d["id"],
-                           name=f"m{s}").json()["id"] for s in (1, 2)]
-    a.client.put("/aliases/live", json={"model_id": ids[0]})
+    a, ids = _alias_over_two_models(make_service, tmp_path, ttl=30.0)
     rec = a.app.state.recommender
     lookups = []
     event.listen(rec.engine, "before_cursor_execute",
@@ -190,8 +192,7 @@ def test_expired_alias_is_looked_up_once_for_a_crowd_of_requests(make_service, t
 
     assert crowd() == [ids[0]] * 40 and len(lookups) == 1  # a cold entry: one lookup shared by all
     assert crowd() == [ids[0]] * 40 and len(lookups) == 1  # a fresh entry: no lookup
-    with make_sessionmaker(make_engine(a.app.state.settings.DATABASE_URL))() as s:
-        set_alias(s, "live", ids[1])  # switched by another process
+    _switch_in_another_process(a, "live", ids[1])
     rec._refs["live"] = (ids[0], time.monotonic() - 1.0)  # expired a second ago: within the grace of one TTL
     assert crowd(then_wait_for=ids[1]) == [ids[0]] * 40  # answered at once from the entry...
     assert rec._refs["live"][0] == ids[1] and len(lookups) == 2  # ...while exactly one lookup refreshed it
