@@ -126,7 +126,8 @@ class ForwardProcess:
 
     @staticmethod
     def _stop(gen: _Generation) -> None:
-        gen.conn.close()  # the reader thread then fails whatever is still pending
+        # The pipe is left to the reader thread, which closes it at the child's EOF: closing it here, under a
+        # read in progress, could let that read continue on a reused descriptor (the next child's pipe).
         gen.proc.join(timeout=0.5)
         if gen.proc.is_alive():
             gen.proc.kill()
@@ -154,12 +155,13 @@ class ForwardProcess:
                     result = (items, scores)
                 else:  # returned, not raised: the retry below is for a dead child only
                     result = _ERRORS.get(answer["kind"], ForwardFailed)(answer["message"])
-            except (EOFError, OSError, ValueError, KeyError) as e:  # died, closed, or a garbled reply
+            except (EOFError, OSError, ValueError, KeyError) as e:  # died, stopped, or a garbled reply
                 with self._lock:
-                    gen.dead = True
+                    gen.dead = True  # writers check this under the lock, so none writes after the close
                     failed = ForwardFailed(f"the forward process stopped: {type(e).__name__}: {e}")
                     while gen.pending:
                         gen.pending.popleft().set_exception(failed)
+                    conn.close()
                 return
             gen.pending.popleft().set_result(result)
 
