@@ -8,6 +8,8 @@ keeps RSS at what the merge itself holds; the page cache is told when we are don
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import math
@@ -34,9 +36,9 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 class _BackgroundSha256:
-    """sha256 fed on a worker thread, so hashing what a merge reads overlaps the merge's own arithmetic
-    (hashlib releases the GIL on large updates). Updates run in the order given: all readers share one
-    worker. At most `_MAX_PENDING` copies of read blocks wait per hash, which bounds the memory."""
+    """sha256 fed on a worker thread, so hashing what a merge writes overlaps the merge's own arithmetic
+    (hashlib releases the GIL on large updates). Updates run in the order given: all users share one
+    worker. At most `_MAX_PENDING` copies of blocks wait per hash, which bounds the memory."""
 
     _MAX_PENDING = 8
     _executor: ThreadPoolExecutor | None = None
@@ -53,18 +55,36 @@ class _BackgroundSha256:
                 cls._executor = ThreadPoolExecutor(1, thread_name_prefix="recmerge-sha256")
             return cls._executor
 
-    def update(self, data, copy: bool = True) -> None:
-        """`copy=False` hands the buffer itself to the worker (the reference keeps it alive): only for
-        buffers nobody writes to until `hexdigest` returns — blocks the merge reads, which merge methods
-        must not modify (merging/methods/base.py). A copy costs the merge thread ~0.04 s per GB (4 MiB blocks)."""
+    def update(self, data) -> None:
         while len(self._pending) >= self._MAX_PENDING:
             self._pending.popleft().result()
-        self._pending.append(self._worker().submit(self._sha.update, bytes(data) if copy else data))
+        self._pending.append(self._worker().submit(self._sha.update, bytes(data)))  # the caller may reuse data
 
     def hexdigest(self) -> str:
         while self._pending:
             self._pending.popleft().result()
         return self._sha.hexdigest()
+
+
+def _libc_sync_file_range():
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not Linux: the final fsync writes everything
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return fn
+
+
+_sync_file_range = _libc_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing a range of dirty pages to disk, without waiting for it: a file
+    written this way is mostly on disk by the time it is fsynced. Measured on a 1 GB merge output: the
+    final fsync alone took ~2 s, the same time the merge itself spent computing."""
+    if _sync_file_range is not None and nbytes > 0:
+        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # advisory: a failure only costs time
 
 
 @dataclass(frozen=True)
@@ -131,7 +151,8 @@ class SafetensorsReader:
 
     def hash_as_read(self, order: list[str]) -> bool:
         """From now on, feed every byte `read` returns to a sha256 of the whole file, so a merge that reads
-        the file front to back gets its digest without a second pass. Bytes no read covers (the header,
+        the file front to back gets its digest without a second pass. The hashing runs in the thread that
+        calls `read` (the merge reads on its own thread, beside the arithmetic). Bytes no read covers (the header,
         padding, gaps, a tail) are read and hashed when the reads pass them or in `finish_hash`.
         False, and nothing is hashed, when reading the tensors in `order` would not go front to back."""
         end = 0
@@ -141,7 +162,7 @@ class SafetensorsReader:
                 if info.offset < end:
                     return False
                 end = info.offset + info.nbytes
-        self._sha, self._hashed_to = _BackgroundSha256(), 0
+        self._sha, self._hashed_to = hashlib.sha256(), 0
         return True
 
     def finish_hash(self) -> str | None:
@@ -171,7 +192,7 @@ class SafetensorsReader:
             self._sha = None
             return
         self._hash_upto(at)
-        self._sha.update(data, copy=False)  # a block handed to the merge, which only reads it
+        self._sha.update(data)
         self._hashed_to = at + data.nbytes
 
     @property
@@ -214,6 +235,22 @@ class SafetensorsReader:
         self.close()
 
 
+def _open_unnamed(directory: Path) -> int | None:
+    """A read-write descriptor of a new file in `directory` that has no name (O_TMPFILE), or None where
+    the platform or file system has none, or /proc (needed to link it in later) is missing."""
+    flag = getattr(os, "O_TMPFILE", None)
+    if flag is None or not os.path.isdir("/proc/self/fd"):
+        return None
+    try:
+        return os.open(directory, flag | os.O_RDWR, 0o600)
+    except OSError:  # EOPNOTSUPP, EISDIR (kernels before 3.11), ...
+        return None
+
+
+def _fresh_name(path: Path) -> str:
+    return str(path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.{os.urandom(4).hex()}.tmp"))
+
+
 def row_blocks(info: TensorInfo, chunk_bytes: int) -> list[tuple[int, int]]:
     """Row ranges of about chunk_bytes each (at least one row) that cover the tensor; 0-d is one block."""
     if not info.shape or info.shape[0] == 0:
@@ -239,11 +276,21 @@ def header_bytes(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metada
 class SafetensorsWriter:
     """Writes a safetensors file whose header is known up front, then tensors in header order (each may
     arrive in several row blocks). Nothing appears at `path` until `commit`; a writer left without a
-    commit (an exception, a failed check) deletes its temporary file.
+    commit (an exception, a failed check) leaves nothing behind.
+
+    Where the file system allows (Linux O_TMPFILE), the data goes to a file with no name at all until
+    `commit` links it in, so a merge refused halfway (NaN in the last block of an input, a digest that
+    does not match) never had a file in the directory; elsewhere to a hidden temporary file that is
+    renamed or deleted.
 
     With `provisional=True` the metadata is a stand-in of the final length (values learnt only while the
     tensors stream, such as the inputs' sha256): `rewrite_header` must put the real one in before `commit`,
-    which then reads the file back once to hash it."""
+    which then reads the file back once to hash it.
+
+    Every `writeback_bytes` written, the kernel is asked to start writing them out, so the disk works
+    while the caller computes the next tensors instead of all at once in `commit`'s fsync."""
+
+    writeback_bytes = 32 << 20
 
     def __init__(self, path: str | os.PathLike, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
                  metadata: dict[str, str], provisional: bool = False):
@@ -253,13 +300,18 @@ class SafetensorsWriter:
         head = header_bytes(self._entries, metadata)
         self._head_len = len(head)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        fd = _open_unnamed(self.path.parent)
+        self.tmp: str | None = None  # the temporary file's name, where the data has one before commit
+        if fd is None:
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self.unnamed = self.tmp is None
         self._f = os.fdopen(fd, "wb")
         # A running hash would cover the stand-in header, which the final file does not hold. The running
         # one is fed on the sha256 worker thread, beside the merge arithmetic.
         self._sha = None if provisional else _BackgroundSha256()
         self._provisional = provisional
         self._index, self._left = 0, self._plan[0][2] if self._plan else 0
+        self._written = self._queued = 0  # bytes appended; bytes handed to start_writeback
         self._put(head)
         self.sha256: str | None = None
         self.bytes_reread = 0  # what commit read back to hash a rewritten file
@@ -268,6 +320,11 @@ class SafetensorsWriter:
         self._f.write(data)
         if self._sha is not None:
             self._sha.update(data)
+        self._written += len(data)  # bytes, or a flat uint8 view
+        if self._written - self._queued >= self.writeback_bytes:
+            self._f.flush()
+            start_writeback(self._f.fileno(), self._queued, self._written - self._queued)
+            self._queued = self._written
 
     def rewrite_header(self, metadata: dict[str, str]) -> None:
         """Replace the provisional metadata in the header already written; it must serialise to the same length,
@@ -282,13 +339,11 @@ class SafetensorsWriter:
         self._provisional = False
 
     def _hash_back(self) -> str:
-        sha, fd = hashlib.sha256(), os.open(self.tmp, os.O_RDONLY)
-        try:
-            while data := os.read(fd, 1 << 20):
-                sha.update(data)
-                self.bytes_reread += len(data)
-        finally:
-            os.close(fd)
+        sha, fd, buf = hashlib.sha256(), self._f.fileno(), bytearray(1 << 20)
+        view = memoryview(buf)
+        while got := os.preadv(fd, [view], self.bytes_reread):
+            sha.update(view[:got])
+            self.bytes_reread += got
         return sha.hexdigest()
 
     def write(self, name: str, block: torch.Tensor) -> None:
@@ -325,26 +380,36 @@ class SafetensorsWriter:
             raise RuntimeError("writer: the provisional header was never rewritten")
         try:
             self._f.flush()
-            # Just written, so normally still in the page cache: this reads memory, not disk.
-            sha = self._sha.hexdigest() if self._sha is not None else self._hash_back()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            os.replace(self.tmp, self.path)
+            # fsync waits for the disk and hashing is CPU work: they overlap (both release the GIL).
+            with ThreadPoolExecutor(1, thread_name_prefix="recmerge-fsync") as pool:
+                synced = pool.submit(os.fsync, self._f.fileno())
+                # Just written, so normally still in the page cache: this reads memory, not disk.
+                sha = self._sha.hexdigest() if self._sha is not None else self._hash_back()
+            synced.result()
+            dfd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                if self.unnamed:  # give the data a name only now, beside its final one, then move it there
+                    self.tmp = _fresh_name(self.path)
+                    # A directory descriptor makes os.link call linkat, which can follow /proc's link to
+                    # the unnamed file (a plain link() would try to link the symlink itself: EXDEV).
+                    os.link(f"/proc/self/fd/{self._f.fileno()}", Path(self.tmp).name, dst_dir_fd=dfd,
+                            follow_symlinks=True)
+                self._f.close()
+                os.replace(self.tmp, self.path)
+                os.fsync(dfd)  # make the rename itself durable
+            finally:
+                os.close(dfd)
         except BaseException:
             self.abort()
             raise
-        dfd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)  # make the rename itself durable
-        finally:
-            os.close(dfd)
         self.sha256 = sha
         return self.sha256
 
     def abort(self) -> None:
         if not self._f.closed:
-            self._f.close()
-        Path(self.tmp).unlink(missing_ok=True)
+            self._f.close()  # an unnamed file is gone with its last descriptor
+        if self.tmp is not None:
+            Path(self.tmp).unlink(missing_ok=True)
 
     def __enter__(self):
         return self

@@ -12,7 +12,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,10 +22,12 @@ import torch
 from merging.compat import Ingredient, check_fisher, check_fisher_checkpoint, check_same_model, check_values
 from merging.fisher_norm import FIELD as SQ_NORM
 from merging.fisher_norm import SquaredNorm, sq_norm_of_tensors, stored_sq_norm
+from merging.heap import keep_freed_blocks
 from merging.io import SafetensorsReader, SafetensorsWriter, row_blocks
 from merging.methods import MergeMethod, MergeOptionsError, get_method
 from merging.methods.base import TensorInputs
 from merging.methods.greedy_soup import greedy_select
+from merging.prefetch import prefetched
 from models.checkpoint import CheckpointMeta, file_sha256
 from models.errors import CheckpointError
 
@@ -94,27 +96,40 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # half-precision inputs are merged in float32
 
 
-def _read(reader: SafetensorsReader, name: str, start: int, stop: int, fisher: bool = False) -> torch.Tensor:
-    block = reader.read(name, start, stop)
+def _checked(block: torch.Tensor, name: str, reader: SafetensorsReader, fisher: bool = False) -> torch.Tensor:
+    """A block as read, refused if it holds NaN/Inf (or, in a Fisher, a negative entry), in the compute dtype."""
     check_values(block, name, reader.path, fisher=fisher)
     return block.to(compute_dtype(block.dtype))
 
 
 def _stream(m: MergeMethod, ings: list[Ingredient], base: Ingredient | None, fishers: list[SafetensorsReader] | None,
             sink: Callable[[str, torch.Tensor], None], chunk_bytes: int, progress: Callable[[float], None]) -> None:
-    """The one loop every merge runs: read a block of each input, merge it, hand the result to `sink`."""
+    """The one loop every merge runs: read a block of each input, merge it, hand the result to `sink`.
+
+    For elementwise methods a second thread reads (and hashes, see SafetensorsReader.hash_as_read) the next
+    block of each checkpoint while this one checks, merges and writes the current block; the Fishers are
+    read here. Hashing costs about what reading and checking the Fishers do, so this split kept both
+    threads busy (docs/results/merge_memory.md, run 5). A whole-tensor method reads in turn, so memory
+    holds one set of tensors."""
     ref = ings[0].reader
     readers = [i.reader for i in ings] + ([base.reader] if base else []) + (fishers or [])
     total = sum(info.nbytes for r in readers for info in r.tensors.values()) or 1
+    steps = [(name, info, start, stop) for name, info in ref.tensors.items()
+             for start, stop in (row_blocks(info, chunk_bytes) if m.elementwise else [(0, info.rows)])]
+
+    def read_models(step) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        name, _, start, stop = step
+        return ([i.reader.read(name, start, stop) for i in ings],
+                base.reader.read(name, start, stop) if base is not None else None)
+
     done = 0
-    for name, info in ref.tensors.items():
-        blocks = row_blocks(info, chunk_bytes) if m.elementwise else [(0, info.rows)]
-        for start, stop in blocks:
-            x = TensorInputs(name, [_read(i.reader, name, start, stop) for i in ings])
+    with (prefetched(read_models, steps) if m.elementwise else nullcontext(map(read_models, steps))) as blocks:
+        for (name, info, start, stop), (tensors, base_block) in zip(steps, blocks):
+            x = TensorInputs(name, [_checked(t, name, i.reader) for t, i in zip(tensors, ings)])
             if base is not None:
-                x.base = _read(base.reader, name, start, stop)
+                x.base = _checked(base_block, name, base.reader)
             if fishers is not None:
-                x.fishers = [_read(f, name, start, stop, fisher=True) for f in fishers]
+                x.fishers = [_checked(f.read(name, start, stop), name, f, fisher=True) for f in fishers]
             out = m.merge(x)
             check_values(out, name, f"the {m.name} merge (check its weights and options)")
             sink(name, out.to(info.dtype))
@@ -186,6 +201,7 @@ def merge_checkpoints(method: str, checkpoints: Sequence[str | os.PathLike], out
     is written. Each digest is still checked against the bytes the merge reads: a file that no longer
     matches is refused and leaves nothing behind."""
     t0 = time.perf_counter()
+    keep_freed_blocks()
     report = progress or (lambda stage, f: None)
     n = len(checkpoints)
     m = build_method(method, n, options, weights)

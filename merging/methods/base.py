@@ -52,9 +52,8 @@ def _validate(schema: type[BaseModel], values: dict[str, Any], method: str, wher
 
 
 class MergeMethod:
-    """A merge method. `merge(x)` returns a new tensor and never writes to `x`'s tensors: the engine hashes
-    the blocks it read on another thread while the merge runs (tests/merging/test_methods.py checks every
-    registered method)."""
+    """A merge method. `merge(x)` returns a new tensor and never writes to `x`'s tensors: `merge_state_dicts`
+    hands it the caller's own tensors (tests/merging/test_methods.py checks every registered method)."""
 
     name: ClassVar[str]
     summary: ClassVar[str]

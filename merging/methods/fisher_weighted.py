@@ -50,14 +50,13 @@ class FisherWeighted(MergeMethod):
             scale = [w / n for w, n in zip(lam, self.norms)]
         else:
             scale = lam
-        # den = Σ λ_i F_i (normalised), num = Σ λ_i F_i θ_i, accumulated in place with one temporary instead
-        # of a new tensor per term: 1.3x faster on a 4 MiB block of 3 models (the pass is memory-bound).
+        # den = Σ λ_i F_i (normalised), num = Σ λ_i F_i θ_i, accumulated in place: two passes over memory
+        # per further model and no temporaries (the pass is memory-bound).
         den = x.fishers[0] * scale[0]
         num = den * x.tensors[0]
         for f, s, t in zip(x.fishers[1:], scale[1:], x.tensors[1:]):
-            m = f * s
-            den += m
-            num.addcmul_(m, t)
+            den.add_(f, alpha=s)
+            num.addcmul_(f, t, value=s)
         out = num.div_(den)
         floor = self.options.epsilon
         if den.numel() and float(den.min()) <= floor:

@@ -4,12 +4,14 @@ blocks; our writer's files open with safe_open; failures leave nothing behind; b
 import json
 import os
 import struct
+import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import merging.io
 from merging.io import SafetensorsReader, SafetensorsWriter, header_bytes, row_blocks
 from models.checkpoint import file_sha256
 from models.errors import CheckpointError
@@ -53,7 +55,7 @@ def test_row_blocks_cover_a_tensor_in_bounded_pieces(tmp_path):
         assert row_blocks(info, 1 << 20) == [(0, 7)]
 
 
-def test_writer_streams_blocks_into_a_file_safe_open_reads(tmp_path):
+def test_writer_streams_blocks_into_a_file_safe_open_reads(tmp_path, temp_kind):
     path = tmp_path / "out.safetensors"
     entries = [(n, t.dtype, tuple(t.shape)) for n, t in SAMPLE.items()]
     with SafetensorsWriter(path, entries, {"format": "x", "note": "ü"}) as w:
@@ -72,12 +74,39 @@ def test_writer_streams_blocks_into_a_file_safe_open_reads(tmp_path):
             assert torch.equal(f.get_tensor(name), t), name
 
 
-def test_writer_leaves_nothing_when_interrupted_or_incomplete(tmp_path):
+@pytest.fixture(params=["unnamed", "named"])
+def temp_kind(request, monkeypatch):
+    """Both ways a writer keeps its data before commit: a file without a name (O_TMPFILE), and the
+    hidden temporary file used where the platform has none."""
+    if request.param == "named":
+        monkeypatch.setattr(merging.io, "_open_unnamed", lambda directory: None)
+    return request.param
+
+
+def test_writer_data_has_no_name_until_commit_on_linux(tmp_path):
+    if sys.platform != "linux":
+        pytest.skip("O_TMPFILE is Linux's")
+    entries = [("a", torch.float32, (2, 2))]
+    with SafetensorsWriter(tmp_path / "x.safetensors", entries, {"k": "0"}, provisional=True) as w:
+        assert w.unnamed
+        w.write("a", torch.ones(2, 2))
+        assert os.listdir(tmp_path) == []  # a merge refused now would never have had a file here
+        w.rewrite_header({"k": "1"})
+        sha = w.commit()
+    assert os.listdir(tmp_path) == ["x.safetensors"]
+    assert sha == file_sha256(tmp_path / "x.safetensors")
+    with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
+        assert f.metadata() == {"k": "1"} and torch.equal(f.get_tensor("a"), torch.ones(2, 2))
+
+
+def test_writer_leaves_nothing_when_interrupted_or_incomplete(tmp_path, temp_kind):
     entries = [("a", torch.float32, (2, 2)), ("b", torch.float32, (3,))]
     with pytest.raises(ValueError, match="boom"):
         with SafetensorsWriter(tmp_path / "x.safetensors", entries, {}) as w:
             w.write("a", torch.zeros(2, 2))
-            assert len(os.listdir(tmp_path)) == 1  # the temporary file exists while writing
+            assert w.unnamed == (temp_kind == "unnamed")
+            # while writing: no entry at all, or the hidden temporary file
+            assert len(os.listdir(tmp_path)) == (0 if w.unnamed else 1)
             raise ValueError("boom")
     assert os.listdir(tmp_path) == []
     with pytest.raises(RuntimeError, match="'b' was never"):

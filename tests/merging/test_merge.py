@@ -6,6 +6,7 @@ import json
 import os
 import re
 import struct
+import sys
 
 import pytest
 import torch
@@ -391,10 +392,19 @@ def test_bad_inputs_are_refused_and_leave_nothing(world, case):
     kw.setdefault("out", world["out"] / "m.safetensors")
     if "base" not in kw and case not in ("no-base",) and kw["method"] in ("ties", "task-arithmetic", "dare"):
         kw["base"] = str(world["base"])
+    seen = []  # (stage, what the output directory held) at every progress report
+
+    def progress(stage, fraction):
+        seen.append((stage, os.listdir(world["out"])))
+
     with pytest.raises(error, match=message):
-        merge_checkpoints(kw.pop("method"), kw.pop("checkpoints"), chunk_bytes=64, **kw)
+        merge_checkpoints(kw.pop("method"), kw.pop("checkpoints"), chunk_bytes=64, progress=progress, **kw)
     assert os.listdir(world["out"]) == []
     assert sorted(os.listdir(world["src"])) == before_inputs  # nothing written beside the inputs either
+    if case in ("nan", "inf-base", "fisher-inf", "fisher-negative"):
+        assert any(stage == "merge" for stage, _ in seen)  # found while blocks were already being written...
+    if sys.platform == "linux":
+        assert all(listing == [] for _, listing in seen)  # ...yet the directory never held a file (O_TMPFILE)
 
 
 def test_a_merge_can_be_merged_again(world):

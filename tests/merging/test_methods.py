@@ -188,7 +188,7 @@ def test_options_from_strings_are_converted():
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_no_method_writes_to_its_inputs(name):
-    # The engine hashes the blocks it read while the merge runs, without copying them (merging/io.py).
+    # merge_state_dicts hands methods the caller's own tensors (float32 inputs are not copied by .to()).
     cls = get_method(name)
     gen = torch.Generator().manual_seed(0)
     x = TensorInputs("w", [torch.randn(6, 5, generator=gen) for _ in range(3)],
