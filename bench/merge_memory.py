@@ -140,6 +140,23 @@ def resident_share(paths) -> float:
     return res / size if size else float("nan")
 
 
+def disk_read(paths, block: int = 4 << 20) -> float:
+    """GB/s of reading the (evicted) inputs as the merge does, a block of each in turn, and nothing else:
+    what the disk gives at this moment, so each cold merge can be compared with it."""
+    evict(paths)
+    fds = [os.open(p, os.O_RDONLY) for p in paths]
+    buf = memoryview(bytearray(block))
+    total, t0 = 0, time.perf_counter()
+    try:
+        for off in range(0, max(os.path.getsize(p) for p in paths), block):
+            for fd in fds:
+                total += os.preadv(fd, [buf], off)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return total / 1e9 / (time.perf_counter() - t0)
+
+
 # ---- the children --------------------------------------------------------------------------------
 
 def child(mode: str, spec: dict, out: str) -> None:
@@ -216,12 +233,39 @@ def same_tensors(a: Path, b: Path) -> bool:
 
 # ---- report --------------------------------------------------------------------------------------
 
+def _disk(r: dict) -> str:
+    return f"{r['disk_gbps']:.2f} GB/s" if "disk_gbps" in r else "–"
+
+
+def medians(rows: list[dict]) -> list[str]:
+    """One line per kind of run: median wall time and throughput, the range, peak RSS at most."""
+    import statistics
+
+    out = ["| kind | runs | median read throughput | range | median wall time | peak RSS (max) | disk alone "
+           "(median) | merge / disk |", "|---|---|---|---|---|---|---|---|"]
+    kinds: dict[tuple, list[dict]] = {}
+    for r in rows:
+        kinds.setdefault(r["kind"], []).append(r)
+    for rs in kinds.values():
+        rates = [r["bytes_read"] / 1e9 / r["seconds"] for r in rs]
+        disk = [r["disk_gbps"] for r in rs if "disk_gbps" in r]
+        ratio = statistics.median(rate / r["disk_gbps"] for rate, r in zip(rates, rs) if "disk_gbps" in r) \
+            if disk else None
+        out.append(f"| {rs[0]['label']} | {len(rs)} | **{statistics.median(rates):.2f} GB/s** | "
+                   f"{min(rates):.2f}–{max(rates):.2f} | {statistics.median(r['seconds'] for r in rs):.1f} s | "
+                   f"{max(r['peak_rss'] for r in rs) / 2**30:.2f} GiB | "
+                   f"{f'{statistics.median(disk):.2f} GB/s' if disk else '–'} | "
+                   f"{f'{ratio:.2f}' if ratio is not None else '–'} |")
+    return out
+
+
 def report(args, mach: dict, sizes: dict, rows: list[dict], base_rss: int, equal: bool | None, setup_s: float) -> str:
     gb = 1e9
     lines = [
         "# Merge memory and throughput (bench/merge_memory.py)",
         "",
         f"Command: `nice -n 5 .venv/bin/python bench/merge_memory.py --items {args.items} --hidden {args.hidden}"
+        f" --repeat {args.repeat}{' --skip-naive' if args.skip_naive else ''}"
         f"{'' if args.sq_norm else ' --no-sq-norm'}{' --out ' + args.out if args.out else ''}`",
         "",
         f"Machine: {mach['cpu']}, nproc {mach['nproc']}, {mach['ram_gib']:.1f} GiB RAM "
@@ -238,9 +282,15 @@ def report(args, mach: dict, sizes: dict, rows: list[dict], base_rss: int, equal
             "for its norm, once to merge. ") +
         f"Writing the inputs took {setup_s:.0f} s.",
         "",
+    ]
+    lines += medians(rows) + [
+        "",
+        "Every run, in the order run (cold runs: the disk alone read the same files, a 4 MiB block of each in "
+        "turn, just before):",
+        "",
         "| run | page cache at start | peak RSS | wall time | CPU time | GB read | read throughput | GB read per "
-        "CPU second | phases |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "CPU second | disk alone | phases |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         read = r["bytes_read"]
@@ -252,7 +302,7 @@ def report(args, mach: dict, sizes: dict, rows: list[dict], base_rss: int, equal
         lines.append(f"| {r['label']} | {r['resident'] * 100:.0f}% of inputs resident "
                      f"| {r['peak_rss'] / 2**30:.2f} GiB | {r['seconds']:.1f} s | {r['cpu_seconds']:.1f} s "
                      f"| {read / gb:.2f} | {read / gb / r['seconds']:.2f} GB/s | {read / gb / r['cpu_seconds']:.2f} "
-                     f"| {stages} |")
+                     f"| {_disk(r)} | {stages} |")
     lines += [
         "",
         f"Baseline: a child that only imports torch and merging peaks at {base_rss / 2**30:.2f} GiB RSS; every row "
@@ -282,6 +332,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--workdir", help="where the temporary files go (default: the system temp dir)")
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each streaming kind (cold/warm, with and "
+                    "without given digests), interleaved; medians are reported beside every run")
     ap.add_argument("--no-sq-norm", dest="sq_norm", action="store_false",
                     help="write the Fishers without their sq_norm field, as before it existed: the merge then "
                          "reads each Fisher twice (the fallback norm pass)")
@@ -318,8 +370,11 @@ def main() -> None:
         sizes = {"ckpt": os.path.getsize(spec["ckpts"][0]), "largest": largest,
                  "total": sum(os.path.getsize(p) for p in inputs)}
         base = baseline_rss()
-        rows = []
-        plan = [("streaming", "cold"), ("naive", "cold"), ("streaming", "warm"), ("store", "cold"), ("store", "warm")]
+        rows, disk = [], []
+        plan = [("streaming", "cold"), ("naive", "cold")]
+        for _ in range(args.repeat):  # interleaved, so a slow spell of the shared machine hits every kind
+            plan += [("streaming", "warm"), ("store", "cold"), ("store", "warm"), ("streaming", "cold")]
+        plan.pop()  # the first streaming cold run stands for the last repeat's
         for mode, cache in plan:
             out = work / f"{mode}.safetensors"
             out.unlink(missing_ok=True)
@@ -332,6 +387,9 @@ def main() -> None:
                           f"{mem_available() / 2**30:.1f} GiB available", file=sys.stderr)
                     continue
             if cache == "cold":
+                if mode != "naive":
+                    disk.append(disk_read(inputs))
+                    print(f"disk alone: {disk[-1]:.2f} GB/s", file=sys.stderr, flush=True)
                 evict(inputs)
             else:
                 warm(inputs)
@@ -339,7 +397,9 @@ def main() -> None:
             print(f"{mode} ({cache}, {resident * 100:.0f}% resident) ...", file=sys.stderr, flush=True)
             r = run_child(mode, spec_path, out)
             label = "streaming, digests given (store)" if mode == "store" else mode
-            r.update(label=f"{label} ({cache})", resident=resident)
+            r.update(label=f"{label} ({cache})", resident=resident, kind=(mode, cache))
+            if cache == "cold" and mode != "naive":
+                r["disk_gbps"] = disk[-1]
             rows.append(r)
             print(json.dumps(r), file=sys.stderr, flush=True)
         naive = work / "naive.safetensors"
