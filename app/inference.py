@@ -107,6 +107,7 @@ class ForwardProcess:
     loop's threads to win the GIL back, read the answer and send the next batch."""
 
     kind = "process"
+    child_main = staticmethod(_child)  # what the child runs (a module-level function: spawn imports it)
 
     def __init__(self, cache_size: int, threads: int, chunk: int):
         self.args = (cache_size, threads, chunk)
@@ -117,7 +118,7 @@ class ForwardProcess:
         # spawn, not fork: the API process has threads (event loop, executors) and torch state.
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_child, args=(child, *self.args), name="recmerge-forward", daemon=True)
+        proc = ctx.Process(target=self.child_main, args=(child, *self.args), name="recmerge-forward", daemon=True)
         proc.start()
         child.close()
         gen = _Generation(proc, parent)

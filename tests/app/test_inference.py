@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from app.inference import ForwardProcess, LocalForward, make_forward
+from app.inference import ForwardFailed, ForwardProcess, LocalForward, _child, make_forward
 from app.serving import MicroBatcher
 from app.settings import Settings
 from models.errors import DataError
@@ -85,7 +85,7 @@ def _many_calls(child, ckpt, n_calls: int, during=None) -> tuple[list, list]:
         futures = [pool.submit(child.top_k, "m", ckpt, b, 5, N_ITEMS) for b in batches]
         if during:
             during()
-        got = [f.result()[0] for f in futures]
+        got = [f.result(timeout=120)[0] for f in futures]  # a lost answer fails, not hangs
     return got, want
 
 
@@ -107,6 +107,69 @@ def test_a_child_killed_with_calls_queued_is_replaced_and_every_call_answered(ck
     assert child.pid not in (None, old)  # the kill landed while calls were queued
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
+
+
+def _garbling_child(conn, *args) -> None:
+    """A live child that answers its first batch with bytes the parent cannot read, then stays alive
+    waiting; where RECMERGE_TEST_GARBLE_ONCE names a file that exists, a normal child instead. The first
+    garbling child creates that file, so the replacement child serves."""
+    once = os.environ.get("RECMERGE_TEST_GARBLE_ONCE")
+    if once and os.path.exists(once):
+        return _child(conn, *args)
+    conn.recv_bytes(), conn.recv_bytes()  # one whole batch
+    if once:
+        open(once, "w").close()
+        conn.send_bytes(b"\xff this is not JSON")
+    else:  # valid JSON that promises a 2 x 3 answer, then too few bytes for it
+        conn.send_bytes(b'{"ok": true, "shape": [2, 3]}')
+        conn.send_bytes(b"\x00" * 8)
+        conn.send_bytes(b"\x00" * 8)
+    try:
+        while conn.recv_bytes():  # alive until the parent gives up on it and closes the pipe
+            pass
+    except (EOFError, OSError):
+        return
+
+
+class _GarblingForward(ForwardProcess):
+    child_main = staticmethod(_garbling_child)
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.started: list[int] = []  # the pid of every child started
+
+    def _start(self):
+        gen = super()._start()
+        self.started.append(gen.proc.pid)
+        return gen
+
+
+def test_a_garbled_reply_from_a_live_child_fails_over_and_every_queued_call_is_answered(ckpt, tmp_path,
+                                                                                     monkeypatch):
+    marker = tmp_path / "garbled"
+    monkeypatch.setenv("RECMERGE_TEST_GARBLE_ONCE", str(marker))
+    forward = _GarblingForward(cache_size=2, threads=1, chunk=4)
+    try:
+        got, want = _many_calls(forward, ckpt, 40)
+        assert marker.exists() and len(forward.started) == 2  # the first child did answer garbage...
+        for g, w in zip(got, want):  # ...yet every call, queued behind it or not, got its own answer
+            np.testing.assert_array_equal(g, w)
+        first_replacement = forward.pid
+        items, _ = forward.top_k("m", ckpt, _histories(7, 2), 5, N_ITEMS)
+        assert forward.pid == first_replacement and items.shape == (2, 5)  # the replacement lives on
+    finally:
+        forward.close()
+
+
+def test_a_child_that_always_garbles_gives_a_clear_error(ckpt, monkeypatch):
+    monkeypatch.delenv("RECMERGE_TEST_GARBLE_ONCE", raising=False)
+    forward = _GarblingForward(cache_size=2, threads=1, chunk=4)
+    try:
+        with pytest.raises(ForwardFailed, match="failed twice: the forward process stopped: ValueError"):
+            forward.top_k("m", ckpt, _histories(8, 2), 5, N_ITEMS)
+        assert len(set(forward.started)) == 2  # the retry went to a fresh child, not the one that garbled
+    finally:
+        forward.close()
 
 
 def test_missing_checkpoint_names_the_file(tmp_path, child):
