@@ -99,6 +99,17 @@ def test_writer_data_has_no_name_until_commit_on_linux(tmp_path):
         assert f.metadata() == {"k": "1"} and torch.equal(f.get_tensor("a"), torch.ones(2, 2))
 
 
+def test_a_rewritten_header_is_hashed_back_either_way(tmp_path, temp_kind):
+    entries = [("a", torch.float32, (64, 3))]
+    with SafetensorsWriter(tmp_path / "x.safetensors", entries, {"k": "0" * 40}, provisional=True) as w:
+        w.write("a", torch.arange(192.0).view(64, 3))
+        w.rewrite_header({"k": "1" * 40})
+        sha = w.commit()
+    out = tmp_path / "x.safetensors"
+    assert sha == file_sha256(out) and w.bytes_reread == out.stat().st_size  # read back through its descriptor
+    assert os.listdir(tmp_path) == ["x.safetensors"]
+
+
 def test_writer_leaves_nothing_when_interrupted_or_incomplete(tmp_path, temp_kind):
     entries = [("a", torch.float32, (2, 2)), ("b", torch.float32, (3,))]
     with pytest.raises(ValueError, match="boom"):
