@@ -2,9 +2,10 @@
 (merging.merge) against a naive load-everything merge, each in its own child process, measured with
 wait4's ru_maxrss. Page-cache state is set and reported for every run: "cold" evicts the inputs
 (posix_fadvise DONTNEED on those files only), "warm" reads them once first; `fincore` shows what was
-resident when each child started.
+resident when each child started. Each streaming kind runs `--repeat` times, interleaved, and every cold run
+follows a read of the same evicted files with nothing else, so it can be set against what the disk gave.
 
-    nice -n 5 .venv/bin/python bench/merge_memory.py [--items 1000000 --hidden 256] [--out docs/results/merge_memory.md]
+    nice -n 5 .venv/bin/python bench/merge_memory.py [--items 1000000 --hidden 256] [--repeat 3] [--out F.md]
 
 The checkpoints are real recmerge checkpoints of a BERT4Rec backbone with a large catalogue, so the
 item table (~1 GB) is almost the whole file: the worst case for "memory near M x the largest tensor".
