@@ -10,8 +10,9 @@ The settings are process-wide; they are what glibc's own dynamic threshold reach
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import threading
+
+from merging.libc import libc_function
 
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 256 << 20
@@ -26,10 +27,8 @@ def keep_freed_blocks() -> bool:
     with _lock:
         if _done:
             return True
-        try:
-            mallopt = ctypes.CDLL(ctypes.util.find_library("c") or None).mallopt
-        except (OSError, AttributeError):
+        mallopt = libc_function("mallopt", [ctypes.c_int, ctypes.c_int])
+        if mallopt is None:
             return False
-        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
         _done = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
         return _done

@@ -9,7 +9,6 @@ keeps RSS at what the merge itself holds; the page cache is told when we are don
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import hashlib
 import json
 import math
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from merging.libc import libc_function
 from models.checkpoint import check_safetensors_file
 from models.errors import CheckpointError
 
@@ -66,16 +66,7 @@ class _BackgroundSha256:
         return self._sha.hexdigest()
 
 
-def _libc_sync_file_range():
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):  # not Linux: the final fsync writes everything
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return fn
-
-
-_sync_file_range = _libc_sync_file_range()
+_sync_file_range = libc_function("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint])
 _SYNC_FILE_RANGE_WRITE = 2
 
 
