@@ -4,6 +4,7 @@ sequence, one autograd backward per (sequence, item)), all on the same users in 
 
     nice -n 5 .venv/bin/python bench/fisher_speed.py --source ../shared/data/ml-1m \
         --out docs/results/fisher_speed.md
+    .venv/bin/python bench/fisher_speed.py --device cuda --out fisher_speed-cuda.md   # on a GPU machine
 
 Runs that would take many minutes — batchwise `exact` (one backward of the batch per item: 3,706 per
 batch) and the loop's `exact` (3,706 backwards per sequence) — are timed on their first part and
@@ -40,14 +41,22 @@ class _Enough(Exception):
     """Raised from a progress callback to end a timed run early."""
 
 
+def _now(device: torch.device) -> float:
+    """perf_counter once the device has finished what was queued: CUDA kernels run asynchronously."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def library_rate(model, seqs, targets, sampling, n, computation, batch_size, partial=None) -> float:
     """Sequences/s of compute_fisher. With `partial`, each batch runs on its own until that share of
     its ranks is done, and its full time is extrapolated from there."""
+    dev = model.item_emb.weight.device
     if partial is None:
-        t0 = time.perf_counter()
+        t0 = _now(dev)
         compute_fisher(model, seqs, targets, sampling=sampling, n=n, computation=computation,
                        batch_size=batch_size)
-        return len(seqs) / (time.perf_counter() - t0)
+        return len(seqs) / (_now(dev) - t0)
 
     def stop(stage, fraction):
         if fraction >= partial:
@@ -55,14 +64,14 @@ def library_rate(model, seqs, targets, sampling, n, computation, batch_size, par
 
     seconds = 0.0
     for idx in length_batches([len(s) for s in seqs], batch_size):
-        t0 = time.perf_counter()
+        t0 = _now(dev)
         try:
             compute_fisher(model, [seqs[i] for i in idx], [targets[i] for i in idx], sampling=sampling, n=n,
                            computation=computation, batch_size=batch_size, progress=stop)
             share = 1.0
         except _Enough:
             share = partial
-        seconds += (time.perf_counter() - t0) / share
+        seconds += (_now(dev) - t0) / share
     return len(seqs) / seconds
 
 
@@ -71,12 +80,13 @@ def loop_rate(model, seqs, targets, sampling, n, max_items=None) -> float:
     and added with its weight. With max_items, each sequence stops after that many items and the rate
     is extrapolated to all of them."""
     params = [p for p in model.parameters()]
+    dev = params[0].device
     fisher = [torch.zeros_like(p) for p in params]
     model.eval()
-    t0 = time.perf_counter()
+    t0 = _now(dev)
     done = 0.0
     for i, (seq, target) in enumerate(zip(seqs, targets)):
-        log_p = torch.log_softmax(model.next_item_scores(pad_left([seq])), dim=-1)[0]
+        log_p = torch.log_softmax(model.next_item_scores(pad_left([seq]).to(dev)), dim=-1)[0]
         cols, w = select_items(log_p.detach().exp()[None], sampling, n, torch.tensor([target]), [i])
         items = list(zip(cols[0].tolist(), w[0].tolist()))
         todo = items[:max_items] if max_items else items
@@ -84,7 +94,7 @@ def loop_rate(model, seqs, targets, sampling, n, max_items=None) -> float:
             for f, g in zip(fisher, torch.autograd.grad(log_p[c], params, retain_graph=True)):
                 f.add_(g.square(), alpha=weight)
         done += len(todo) / len(items)
-    return done / (time.perf_counter() - t0)
+    return done / (_now(dev) - t0)
 
 
 def main() -> None:
@@ -102,9 +112,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads; on a loaded shared CPU a second thread mostly waits at barriers")
+    ap.add_argument("--device", default="cpu", help="where every method runs: cpu, cuda, cuda:1, ...")
     ap.add_argument("--out", help="write a Markdown report here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: this torch build or machine has no CUDA device")
 
     load_before = os.getloadavg()
     ds = PreparedDataset.load(args.data) if args.data else \
@@ -118,7 +132,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     cfg = BackboneConfig(n_items=ds.n_items, kind="bert4rec", hidden=64, layers=2, heads=2, inner=256,
                          max_len=args.max_len)
-    model = SeqRecModel(cfg).eval()  # random init: speed does not depend on the weights
+    model = SeqRecModel(cfg).to(device).eval()  # random init: speed does not depend on the weights
 
     selections = [("exact", None)] + [(s, n) for n in args.ns for s in ("random", "topk", "model")] + \
         [("target", None)]
@@ -142,12 +156,13 @@ def main() -> None:
                 f"{k} {v[-1]:.3f}" for k, v in r.items()) + " seq/s", flush=True)
     minutes = (time.perf_counter() - t_start) / 60
     load_after = os.getloadavg()
+    gpu = f"; every method on {torch.cuda.get_device_name(device)} ({args.device})" if device.type == "cuda" else ""
 
     med = {sel: {k: statistics.median(v) for k, v in r.items()} for sel, r in rates.items()}
     lines = [
         "# Fisher estimation speed (thesis fig. 4.4)", "",
         f"Command: `nice -n 5 {' '.join(['.venv/bin/python'] + sys.argv)}`", "",
-        f"Machine: {machine.line()}. The CPU is shared with other engineers' jobs: load average "
+        f"Machine: {machine.line()}{gpu}. The CPU is shared with other engineers' jobs: load average "
         f"{load_before[0]:.1f} before and {load_after[0]:.1f} after the {minutes:.1f}-minute run, so absolute "
         "rates are low and noisy; the ratios compare methods measured alternately in the same run.", "",
         f"Model: bert4rec backbone, hidden 64, 2 layers, 2 heads, inner 256, max_len {args.max_len}, random "

@@ -88,19 +88,21 @@ def validation_score(ds, backbone, device=None):
     return score
 
 
-def _estimate_fishers(args, ds, progress) -> list[str]:
-    """Fisher files for the fisher method when --fisher is not given, kept beside the output."""
+def _estimate_fishers(args, ds, progress) -> tuple[list[str], list[str]]:
+    """Fisher files for the fisher method when --fisher is not given, kept beside the output, and the
+    checkpoints' sha256 the estimation took (each Fisher records it)."""
     from merging.fisher import estimate_fisher  # imported only when a Fisher must be estimated
 
     settings = {"sampling": "exact"} | parse_options(args.fisher_setting, "--fisher-setting")
     out, n = Path(args.out), len(args.checkpoints)
-    paths = []
+    paths, digests = [], []
     for i, c in enumerate(args.checkpoints):
         f = out.with_name(f"{out.name.removesuffix('.safetensors')}.fisher{i + 1}.safetensors")
         res = estimate_fisher(c, ds, settings, out=f, cache_dir=args.fisher_cache_dir, device=args.device,
                               progress=lambda stage, x, i=i: progress(f"fisher {i + 1}/{n}", x))
         paths.append(str(res.path))
-    return paths
+        digests.append(res.metadata["checkpoint_sha256"])
+    return paths, digests
 
 
 def _finetune(args, ds, merged: Path, out: Path, merge_meta: dict, merged_sha256: str) -> None:
@@ -158,7 +160,7 @@ def run(args) -> int:
 
     progress, close = progress_bars()
     try:
-        fishers = args.fisher
+        fishers, digests = args.fisher, None
         if args.method == "fisher" and not fishers:
             from merging.compat import check_compatible
             from merging.merge import build_method
@@ -166,7 +168,9 @@ def run(args) -> int:
             # Refuse bad options or checkpoints before spending time on Fishers.
             build_method(args.method, len(args.checkpoints), options, args.weights)
             check_compatible(args.checkpoints)
-            fishers = _estimate_fishers(args, ds, progress)
+            # The digests spare the merge a read-back of its output: its header is final from the start.
+            # The merge still checks them against the bytes it reads.
+            fishers, digests = _estimate_fishers(args, ds, progress)
         score = None
         if args.method == "greedy-soup":
             from models.checkpoint import read_metadata
@@ -175,12 +179,14 @@ def run(args) -> int:
         merged = out.with_name(out.name.removesuffix(".safetensors") + ".raw.safetensors") \
             if args.finetune_epochs else out
         res = merge_checkpoints(args.method, args.checkpoints, merged, weights=args.weights, options=options,
-                                base=args.base, fishers=fishers, score=score, progress=progress)
+                                base=args.base, fishers=fishers, score=score, progress=progress,
+                                sha256s=digests)
     finally:
         close()
     merge_meta = json.loads(res.metadata["merge"])
     print(f"{res.path}: {args.method} merge of {len(args.checkpoints)} checkpoints, sha256 {res.sha256}, "
-          f"{res.bytes_read / 1e6:.1f} MB read in {res.seconds:.1f} s")
+          f"{res.bytes_read / 1e6:.1f} MB read in {res.seconds:.1f} s"
+          + (f", output read back once to hash it ({res.output_reread / 1e6:.1f} MB)" if res.output_reread else ""))
     if res.stats.get("fallback_entries"):
         print(f"fisher: {res.stats['fallback_entries']:,} entries fell back to the weighted average")
     if "selection" in merge_meta:
