@@ -2,10 +2,11 @@
 
 On a shared machine whose speed drifts by 20-30% within an hour, two merge_memory.py runs minutes
 apart cannot show a 10% change. Here the inputs are written once, both engines merge them in turn
-(warm page cache, a fresh process each time), and the medians are compared. Make the other checkout
-with `git worktree add /tmp/old <commit>`.
+(a fresh process each time, the inputs' page cache set the same way before each: `--cache warm` reads
+them first, `cold` evicts them), and the medians are compared. Make the other checkout with
+`git worktree add /tmp/old <commit>`.
 
-    .venv/bin/python bench/merge_ab.py --other /tmp/old --rounds 5
+    .venv/bin/python bench/merge_ab.py --other /tmp/old --rounds 5 [--cache warm|cold|both]
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=1_000_000)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--workdir", help="where the inputs go (default: the system temp dir)")
+    ap.add_argument("--cache", choices=["warm", "cold", "both"], default="warm",
+                    help="page cache of the inputs before each merge (both: a warm and a cold merge per round)")
     args = ap.parse_args()
     if not (args.other / "merging" / "merge.py").is_file():
         raise SystemExit(f"{args.other}: not a recmerge checkout (no merging/merge.py)")
@@ -58,21 +61,25 @@ def main() -> None:
         spec_path.write_text(json.dumps(spec))
         inputs = spec["ckpts"] + spec["fishers"]
         gb = sum(os.path.getsize(p) for p in inputs) / 1e9
-        runs: dict[str, list[dict]] = {"this": [], "other": []}
+        caches = ["warm", "cold"] if args.cache == "both" else [args.cache]
+        runs: dict[tuple[str, str], list[dict]] = {}
         for r in range(args.rounds):
-            for name, repo in (("other", args.other), ("this", REPO)):
-                merge_memory.warm(inputs)
-                d = merge_once(repo, spec_path, work / "out.safetensors")
-                runs[name].append(d)
-                print(f"round {r + 1} {name}: {d['wall']:.2f} s wall, {d['cpu']:.2f} s CPU, "
-                      f"{gb / d['wall']:.2f} GB/s", flush=True)
+            for cache in caches:
+                for name, repo in (("other", args.other), ("this", REPO)):
+                    (merge_memory.warm if cache == "warm" else merge_memory.evict)(inputs)
+                    d = merge_once(repo, spec_path, work / "out.safetensors")
+                    runs.setdefault((cache, name), []).append(d)
+                    print(f"round {r + 1} {cache} {name}: {d['wall']:.2f} s wall, {d['cpu']:.2f} s CPU, "
+                          f"{gb / d['wall']:.2f} GB/s", flush=True)
         med = {k: (statistics.median(x["wall"] for x in v), statistics.median(x["cpu"] for x in v))
                for k, v in runs.items()}
-        print(f"\n{gb:.2f} GB of input, {args.rounds} rounds, warm page cache, medians:")
-        for k in ("other", "this"):
-            print(f"  {k:5} {med[k][0]:.2f} s wall ({gb / med[k][0]:.2f} GB/s), {med[k][1]:.2f} s CPU")
-        print(f"  this / other: {med['other'][0] / med['this'][0]:.2f}x faster by wall time, "
-              f"{med['other'][1] / med['this'][1]:.2f}x by CPU time")
+        for cache in caches:
+            print(f"\n{gb:.2f} GB of input, {args.rounds} rounds, {cache} page cache, medians:")
+            for k in ("other", "this"):
+                w, c = med[(cache, k)]
+                print(f"  {k:5} {w:.2f} s wall ({gb / w:.2f} GB/s), {c:.2f} s CPU")
+            (wo, co), (wt, ct) = med[(cache, "other")], med[(cache, "this")]
+            print(f"  this / other: {wo / wt:.2f}x faster by wall time, {co / ct:.2f}x by CPU time")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -142,17 +142,18 @@ def resident_share(paths) -> float:
 
 
 def _read_files(paths, block: int) -> int:
-    """Read the files a block of each in turn, as the engine does: the next block asked for ahead
-    (WILLNEED), each block dropped from the cache once read (DONTNEED). Returns the bytes read."""
+    """Read the files a block of each in turn, as the engine does (merging/io.py: kernel readahead with
+    FADV_SEQUENTIAL, each block dropped from the cache once read). Returns the bytes read."""
     fds = [os.open(p, os.O_RDONLY) for p in paths]
     buf, total = memoryview(bytearray(block)), 0
     try:
+        for fd in fds:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         for off in range(0, max(os.path.getsize(p) for p in paths), block):
             for fd in fds:
                 got = os.preadv(fd, [buf], off)
                 total += got
-                os.posix_fadvise(fd, off + block, block, os.POSIX_FADV_WILLNEED)
-                os.posix_fadvise(fd, off, got, os.POSIX_FADV_DONTNEED)
+                os.posix_fadvise(fd, off, got, os.POSIX_FADV_DONTNEED)  # block-aligned here
     finally:
         for fd in fds:
             os.close(fd)
@@ -162,8 +163,7 @@ def _read_files(paths, block: int) -> int:
 def disk_read(groups: list[list[str]], block: int = 4 << 20) -> float:
     """GB/s of reading the (evicted) inputs with the engine's pattern of IO and no computing: one thread per
     group (the engine reads the checkpoints on its read-ahead thread and the Fishers on the merge thread),
-    so each cold merge can be set against what the disk gave just before. One thread alone was measured to
-    get less from this disk than the engine's two readers (0.8-1.3 against 1.2-1.5 GB/s)."""
+    so each cold merge can be set against what the disk gave just before."""
     from concurrent.futures import ThreadPoolExecutor
 
     evict([p for g in groups for p in g])
@@ -303,7 +303,7 @@ def report(args, mach: dict, sizes: dict, rows: list[dict], base_rss: int, equal
         "",
         "Every run, in the order run (cold runs: just before, the disk alone read the same evicted files as the "
         "engine reads them, without computing: the checkpoints on one thread and the Fishers on another, a 4 MiB "
-        "block of each in turn, the next block asked for ahead and each dropped once read):",
+        "block of each in turn, each dropped once read):",
         "",
         "| run | page cache at start | peak RSS | wall time | CPU time | GB read | read throughput | GB read per "
         "CPU second | disk alone | phases |",

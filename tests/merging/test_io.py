@@ -236,3 +236,54 @@ def test_reader_refuses_what_is_not_a_sound_safetensors_file(tmp_path, case, mes
                   b"\0")
     with pytest.raises(CheckpointError, match=message):
         SafetensorsReader(path)
+
+
+def _resident(path) -> list[bool]:
+    """Which of the file's pages the page cache holds (mincore over a private mapping that is never written)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mm:
+        anchor = ctypes.c_char.from_buffer(mm)
+        vec = (ctypes.c_ubyte * -(-size // mmap.PAGESIZE))()
+        rc = libc.mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size), vec)
+        del anchor  # the mapping cannot close while a pointer into it exists
+    assert rc == 0, os.strerror(ctypes.get_errno())
+    return [bool(v & 1) for v in vec]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and DONTNEED as Linux has them")
+def test_a_last_pass_leaves_nothing_it_read_in_the_page_cache(tmp_path):
+    path = tmp_path / "big.safetensors"
+    # The big tensor starts at an odd offset, as in real files: drop ranges must still cover whole folios.
+    save_file({"a_small": torch.randn(3, 5), "b_big": torch.randn(3 << 20), "c_tail": torch.randn(7)}, str(path))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())  # dirty pages cannot be dropped; inputs of a merge are long written
+        while f.read(1 << 20):
+            pass
+    if not all(_resident(path)):
+        pytest.skip("this file system does not keep what was read in the page cache")
+    page = os.sysconf("SC_PAGE_SIZE")
+    with SafetensorsReader(path, drop_cache=True) as r:
+        info = r.tensors["b_big"]
+        assert info.offset % page  # the case the alignment is for
+        r.read("a_small")
+        for a, b in row_blocks(info, 1 << 20):
+            r.read("b_big", a, b)
+            end = info.offset + b * 4
+            behind = (end // merging.io.DROP_ALIGN * merging.io.DROP_ALIGN) // page
+            assert not any(_resident(path)[:behind]), f"pages before byte {end} still cached"
+        r.read("c_tail")
+    assert not any(_resident(path))  # close dropped the tail; nothing read stays cached
+
+
+def test_a_reader_without_drop_cache_leaves_the_page_cache_alone(tmp_path):
+    path = tmp_path / "big.safetensors"
+    save_file({"b_big": torch.randn(1 << 20)}, str(path))
+    with SafetensorsReader(path) as r:
+        for a, b in row_blocks(r.tensors["b_big"], 1 << 20):
+            r.read("b_big", a, b)
+    if sys.platform.startswith("linux"):
+        assert all(_resident(path))  # what it read stays for the next reader
