@@ -38,7 +38,7 @@ def uniformity(x: torch.Tensor, t: float = 2.0) -> float:
         sq = (2.0 - 2.0 * block @ z.T).clamp(min=0.0)  # (b, N) squared distances of unit vectors
         k = torch.exp(-t * sq)
         # drop the self-pairs (diagonal) of this block
-        rows = torch.arange(block.shape[0])
+        rows = torch.arange(block.shape[0], device=block.device)
         k[rows, rows + start] = 0.0
         total += k.sum()
     return float(torch.log(total / (n * (n - 1))))

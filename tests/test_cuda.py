@@ -1,6 +1,6 @@
 """The same work on a CUDA device as on the CPU: Fisher estimation (every computation and selection),
-training every recipe, evaluation and top-k. Skipped where torch sees no CUDA device (this project's
-CI machines); on a GPU machine: `.venv/bin/python -m pytest -q tests/test_cuda.py`.
+training every recipe, evaluation, top-k and the representation metrics. Skipped where torch sees no
+CUDA device (this project's CI machines); on a GPU machine: `.venv/bin/python -m pytest -q tests/test_cuda.py`.
 RECMERGE_TEST_DEVICE names another device to compare with the CPU (`cpu` checks these tests themselves
 on a machine without a GPU)."""
 
@@ -18,6 +18,7 @@ from models.checkpoint import load_checkpoint, load_model
 from models.evaluate import evaluate
 from models.recipes import RECIPES
 from models.recommend import top_k
+from models.representation import representation_metrics, uniformity
 from models.train import TrainConfig, train
 from tests.merging.tiny_fisher import SELECTIONS, SEQS, TARGETS, tiny_model
 from tests.synthetic import make_planted_dataset
@@ -90,3 +91,14 @@ def test_evaluation_and_top_k_on_the_device_equal_the_cpu(planted, trained):
     _, s_gpu = top_k(copy.deepcopy(model).to(DEV), histories, 10, planted.n_items, device=DEV)
     # The k best scores agree; which of two nearly tied items comes first may not.
     assert close(torch.from_numpy(s_gpu), torch.from_numpy(s_cpu), 1e-4)
+
+
+def test_representation_metrics_on_the_device_equal_the_cpu(planted, trained):
+    model, _ = load_model(trained.checkpoint, device="cpu")
+    want = representation_metrics(model, planted, max_users=64)
+    got = representation_metrics(copy.deepcopy(model).to(DEV), planted, max_users=64)
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    x = torch.randn(1500, 16, dtype=torch.float64)  # more rows than one block (_ROWS) of the kernel sum
+    assert uniformity(x.to(DEV)) == pytest.approx(uniformity(x), rel=1e-9)
