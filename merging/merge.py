@@ -254,9 +254,16 @@ def merge_checkpoints(method: str, checkpoints: Sequence[str | os.PathLike], out
             final = [d or _NO_DIGEST for d in digests]
             return _merged_metadata(m, ings, final[:n], final[n] if base_ing else None, fisher_readers, selection)
 
-        # Everything the header needs but the digests is known now; it goes first, so the tensors can stream after it.
-        provisional = None in shas
-        metadata = metadata_for(shas)
+        # Everything the header needs but the digests is known now; it goes first, so the tensors can stream after
+        # it. A Fisher names the checkpoint it was computed for: that digest stands in for one not known yet, so
+        # the header is final at once and the output is hashed as it is written, never read back. The pass still
+        # hashes every checkpoint, and a Fisher of another checkpoint is refused before the commit.
+        header_shas = list(shas)
+        for k, f in enumerate(fisher_readers or []):
+            if header_shas[k] is None and _is_digest(f.metadata["checkpoint_sha256"]):
+                header_shas[k] = f.metadata["checkpoint_sha256"]
+        provisional = None in header_shas
+        metadata = metadata_for(header_shas)
         entries = [(name, info.dtype, info.shape) for name, info in ings[0].reader.tensors.items()]
         for r in [i.reader for i in used] + ([base_ing.reader] if base_ing else []) + (fisher_readers or []):
             r.drop_cache = True  # the last pass over the inputs
@@ -275,6 +282,8 @@ def merge_checkpoints(method: str, checkpoints: Sequence[str | os.PathLike], out
             if provisional:
                 metadata = metadata_for(shas)
                 writer.rewrite_header(metadata)
+            elif metadata != metadata_for(shas):  # cannot happen once the checks above passed; never commit it
+                raise RuntimeError("merge: the header's digests differ from the inputs' after all checks")
             sha = writer.commit()
         read = separately + sum(r.bytes_read for r in [i.reader for i in ings] + ([base_ing.reader] if base_ing else [])
                                 + (fisher_readers or []))

@@ -88,21 +88,19 @@ def validation_score(ds, backbone, device=None):
     return score
 
 
-def _estimate_fishers(args, ds, progress) -> tuple[list[str], list[str]]:
-    """Fisher files for the fisher method when --fisher is not given, kept beside the output, and the
-    checkpoints' sha256 the estimation took (each Fisher records it)."""
+def _estimate_fishers(args, ds, progress) -> list[str]:
+    """Fisher files for the fisher method when --fisher is not given, kept beside the output."""
     from merging.fisher import estimate_fisher  # imported only when a Fisher must be estimated
 
     settings = {"sampling": "exact"} | parse_options(args.fisher_setting, "--fisher-setting")
     out, n = Path(args.out), len(args.checkpoints)
-    paths, digests = [], []
+    paths = []
     for i, c in enumerate(args.checkpoints):
         f = out.with_name(f"{out.name.removesuffix('.safetensors')}.fisher{i + 1}.safetensors")
         res = estimate_fisher(c, ds, settings, out=f, cache_dir=args.fisher_cache_dir, device=args.device,
                               progress=lambda stage, x, i=i: progress(f"fisher {i + 1}/{n}", x))
         paths.append(str(res.path))
-        digests.append(res.metadata["checkpoint_sha256"])
-    return paths, digests
+    return paths
 
 
 def _finetune(args, ds, merged: Path, out: Path, merge_meta: dict, merged_sha256: str) -> None:
@@ -160,7 +158,7 @@ def run(args) -> int:
 
     progress, close = progress_bars()
     try:
-        fishers, digests = args.fisher, None
+        fishers = args.fisher
         if args.method == "fisher" and not fishers:
             from merging.compat import check_compatible
             from merging.merge import build_method
@@ -168,9 +166,7 @@ def run(args) -> int:
             # Refuse bad options or checkpoints before spending time on Fishers.
             build_method(args.method, len(args.checkpoints), options, args.weights)
             check_compatible(args.checkpoints)
-            # The digests spare the merge a read-back of its output: its header is final from the start.
-            # The merge still checks them against the bytes it reads.
-            fishers, digests = _estimate_fishers(args, ds, progress)
+            fishers = _estimate_fishers(args, ds, progress)
         score = None
         if args.method == "greedy-soup":
             from models.checkpoint import read_metadata
@@ -179,8 +175,7 @@ def run(args) -> int:
         merged = out.with_name(out.name.removesuffix(".safetensors") + ".raw.safetensors") \
             if args.finetune_epochs else out
         res = merge_checkpoints(args.method, args.checkpoints, merged, weights=args.weights, options=options,
-                                base=args.base, fishers=fishers, score=score, progress=progress,
-                                sha256s=digests)
+                                base=args.base, fishers=fishers, score=score, progress=progress)
     finally:
         close()
     merge_meta = json.loads(res.metadata["merge"])
