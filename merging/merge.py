@@ -199,7 +199,8 @@ def merge_checkpoints(method: str, checkpoints: Sequence[str | os.PathLike], out
     content-addressed store does. The header is then final before the first tensor, so the output is hashed
     as it is written instead of read back, and a Fisher of another checkpoint is refused before anything
     is written. Each digest is still checked against the bytes the merge reads: a file that no longer
-    matches is refused and leaves nothing behind."""
+    matches is refused and leaves nothing behind. (A fisher merge gets the same from the digests its
+    Fishers record; without either, the output is read back once to hash it.)"""
     t0 = time.perf_counter()
     keep_freed_blocks()
     report = progress or (lambda stage, f: None)
