@@ -148,7 +148,7 @@ class SafetensorsReader:
         self._dropped_to = 0  # with drop_cache: pages before this were dropped from the page cache
         # Read ahead by the kernel alone, with a window twice its default for this file. An explicit
         # WILLNEED per block was measured to cost 3x the system time cold: it fills the cache with single
-        # pages and breaks the kernel's own readahead of large folios (docs/results/merge_memory.md, run 6).
+        # pages and breaks the kernel's own readahead of large folios (docs/results/merge_memory.md, run 7).
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
 
     def hash_as_read(self, order: list[str]) -> bool:
