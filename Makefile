@@ -25,8 +25,9 @@ sysdeps:
 	  { apt-get update -q >/dev/null 2>&1; DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; }; \
 	fi
 
+# DEMO_ARGS=--download: ignore ../shared/data and fetch ml-100k as a fresh clone would.
 demo: $(STAMP)
-	$(BIN)/python -m app.demo
+	$(BIN)/python -m app.demo $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

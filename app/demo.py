@@ -5,7 +5,8 @@
 
 Everything goes over real HTTP to the app a user would run (`recmerge serve`): SQLite, a local store and
 the in-process job runner under ./.recmerge-demo. ml-100k comes from ../shared/data when the checkout has
-it, else it is downloaded like any user's would be.
+it, else it is downloaded like any user's would be (GroupLens, else the recbole wheel through pip);
+`--download` ignores the checkout's copy and downloads into an empty cache, as on a fresh clone.
 """
 
 from __future__ import annotations
@@ -120,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipe-epochs", type=int, default=3)
     ap.add_argument("--method", default="fisher", help="merge method (default fisher)")
     ap.add_argument("--fisher-users", type=int, default=300, help="estimate Fishers on a subset of this many users")
+    ap.add_argument("--download", action="store_true",
+                    help="ignore ../shared/data and download ml-100k into an empty cache under --dir")
+    ap.add_argument("--keep-serving", action="store_true", help="keep the API and dashboard up until Ctrl-C")
     args = ap.parse_args(argv)
 
     import httpx
@@ -129,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.dir).resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    if (LOCAL_ML100K / "u.data").is_file():
+    if args.download:
+        os.environ["XDG_CACHE_HOME"] = str(work / "download-cache")
+        print(f"ml-100k: downloading into an empty cache ({work / 'download-cache'})")
+    elif (LOCAL_ML100K / "u.data").is_file():
         # The service fetches ml-100k into its download cache; seed that cache from the checkout's copy.
         cache = work / "download-cache" / "recmerge" / "ml-100k"
         cache.mkdir(parents=True)
@@ -145,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     server, thread, url = _serve(settings)
     print(f"embedded service at {url} (SQLite + local store + in-process jobs under {work})")
+    print(f"dashboard: {url}/ui (while the demo runs; API docs at {url}/docs)")
     try:
         with httpx.Client(base_url=url, timeout=120) as client:
             ds = _ok(client.post("/datasets", json={"name": "ml-100k", "source": "ml-100k"}), 201)
@@ -184,10 +192,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\nGET /recommend/{user}?model=production&k=5")
                 for it in rec["items"]:
                     print(f"  {it['item']:>5}  {it['score']:7.3f}  {it['title'] or ''}")
+        if args.keep_serving:
+            print(f"\ndashboard: {url}/ui - serving until Ctrl-C")
+            try:
+                thread.join()
+            except KeyboardInterrupt:
+                pass
     finally:
         server.should_exit = True
         thread.join(timeout=30)
     print(f"\ndone in {time.perf_counter() - t0:.0f} s; state kept in {work}")
+    print(f"to browse it again: RECMERGE_DATA_DIR={work / 'service'} {ROOT / '.venv/bin/recmerge'} serve --port 8000, "
+          f"then open http://127.0.0.1:8000/ui")
     return 0
 
 

@@ -1,19 +1,25 @@
 """Fetching MovieLens-100k on a user's machine (SPEC §2): GroupLens first, the recbole wheel second.
 
-The recbole==1.2.1 wheel on PyPI ships the same 100,000 ratings as an atomic `.inter` file, so a
-machine that reaches only the package index can still get the data. Files land in a cache
-directory (`$XDG_CACHE_HOME/recmerge/ml-100k`), written to a temporary directory and renamed,
-so an interrupted download never leaves a half-written cache behind.
+The recbole==1.2.1 wheel ships the same 100,000 ratings as an atomic `.inter` file. It is fetched with
+`python -m pip download`, so it comes through whatever index, mirror, proxy and certificates the user's
+pip is configured for: a machine that reaches only its package registry still gets the data. Files
+land in a cache directory (`$XDG_CACHE_HOME/recmerge/ml-100k`), written to a temporary directory and
+renamed, so an interrupted download never leaves a half-written cache behind.
+
+    RECMERGE_ML100K_URL       the GroupLens zip (tests point it at a dead port)
+    RECMERGE_DOWNLOAD_TIMEOUT seconds GroupLens gets to answer before pip is asked
+    RECMERGE_PIP_ARGS         extra `pip download` arguments, e.g. "--no-index --find-links /wheels"
 """
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import io
-import json
 import os
+import shlex
 import shutil
+import subprocess
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -24,9 +30,11 @@ from pathlib import Path
 from models.errors import DataError
 
 GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
-PYPI_URL = "https://pypi.org/pypi/recbole/1.2.1/json"
+WHEEL_REQUIREMENT = "recbole==1.2.1"
 WHEEL_DIR = "recbole/dataset_example/ml-100k/"
-TIMEOUT_S = 15.0  # a blocked network should fail in seconds, not hang the CLI
+# Short: where GroupLens is blocked the connection may hang rather than fail, and pip is the next try.
+TIMEOUT_S = 8.0
+PIP_TIMEOUT_S = 600.0  # pip applies its own per-request timeout; this only stops a wedged pip
 MAX_BYTES = 200 * 1024 * 1024  # neither archive is near this; a bigger answer is not what we asked for
 
 
@@ -67,21 +75,40 @@ def _from_grouplens(url: str, progress) -> dict[str, bytes]:
     return {"u.data": data, **({"u.item": titles} if titles is not None else {})}
 
 
-def _from_wheel(index_url: str, progress) -> dict[str, bytes]:
+def pip_download(requirement: str, dest: Path, extra_args: list[str] | None = None) -> Path:
+    """The wheel of `requirement`, fetched by this interpreter's pip into `dest`. Binary only: building
+    an sdist would run its code and need its build dependencies."""
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+           "--disable-pip-version-check", "--no-input", "-d", str(dest), *(extra_args or []), requirement]
     try:
-        release = json.loads(_get(index_url))
-        wheel = next(f for f in release["urls"] if f.get("packagetype") == "bdist_wheel")
-    except (ValueError, KeyError, TypeError, StopIteration):
-        raise DataError(f"{index_url}: not a PyPI release description with a wheel") from None
-    blob = _get(wheel["url"], progress)
-    expected = wheel.get("digests", {}).get("sha256")
-    if expected and hashlib.sha256(blob).hexdigest() != expected:
-        raise DataError(f"{wheel['url']}: sha256 does not match the index")
-    with zipfile.ZipFile(io.BytesIO(blob)) as zf:
-        data = _member(zf, WHEEL_DIR + "ml-100k.inter")
-        titles = _member(zf, WHEEL_DIR + "ml-100k.item")
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise DataError(f"pip download {requirement}: no answer in {PIP_TIMEOUT_S:.0f} s") from None
+    if done.returncode != 0:
+        lines = [ln.strip() for ln in (done.stderr or done.stdout).splitlines() if ln.strip()]
+        why = next((ln for ln in reversed(lines) if ln.startswith("ERROR")), lines[-1] if lines else "")
+        raise DataError(f"pip download {requirement} failed (exit {done.returncode}): {why or 'no output'}")
+    name = requirement.split("==")[0].replace("-", "_").lower()
+    wheels = sorted(p for p in dest.glob("*.whl") if p.name.lower().startswith(name + "-"))
+    if not wheels:
+        raise DataError(f"pip download {requirement}: no wheel appeared in {dest}")
+    return wheels[-1]
+
+
+def _from_wheel(requirement: str, progress) -> dict[str, bytes]:
+    extra = shlex.split(os.environ.get("RECMERGE_PIP_ARGS", ""))
+    with tempfile.TemporaryDirectory(prefix="recmerge-pip-") as tmp:
+        if progress:
+            progress("download", 0.0)
+        wheel = pip_download(requirement, Path(tmp), extra)
+        with zipfile.ZipFile(wheel) as zf:
+            data = _member(zf, WHEEL_DIR + "ml-100k.inter")
+            titles = _member(zf, WHEEL_DIR + "ml-100k.item")
+        if progress:
+            progress("download", 1.0)
     if data is None:
-        raise DataError(f"{wheel['url']}: the wheel holds no {WHEEL_DIR}ml-100k.inter")
+        raise DataError(f"{wheel.name}: the wheel holds no {WHEEL_DIR}ml-100k.inter")
     return {"ml-100k.inter": data, **({"ml-100k.item": titles} if titles is not None else {})}
 
 
@@ -99,16 +126,16 @@ def fetch_ml100k(progress: Callable[[str, float], None] | None = None) -> Path:
         return target
     sources = [
         ("GroupLens", os.environ.get("RECMERGE_ML100K_URL", GROUPLENS_URL), _from_grouplens),
-        ("PyPI recbole wheel", os.environ.get("RECMERGE_PYPI_URL", PYPI_URL), _from_wheel),
+        ("pip download", WHEEL_REQUIREMENT, _from_wheel),
     ]
     failures = []
-    for name, url, fetch in sources:
+    for name, where, fetch in sources:
         try:
-            files = fetch(url, progress)
+            files = fetch(where, progress)
             break
         except (OSError, ValueError, http.client.HTTPException, zipfile.BadZipFile) as e:
             # URLError, HTTPError, timeouts are OSErrors; DataError and bad URLs are ValueErrors.
-            failures.append(f"{name} ({url}): {_why(e)}")
+            failures.append(f"{name} ({where}): {_why(e)}")
     else:
         raise DataError("could not download ml-100k: " + "; ".join(failures)
                         + "; download it yourself and pass the directory holding u.data as --source")
@@ -117,7 +144,7 @@ def fetch_ml100k(progress: Callable[[str, float], None] | None = None) -> Path:
     try:
         for fname, blob in files.items():
             (tmp / fname).write_bytes(blob)
-        (tmp / "ORIGIN").write_text(f"{name} {url}\n")
+        (tmp / "ORIGIN").write_text(f"{name} {where}\n")
         os.chmod(tmp, 0o755)
         try:
             os.rename(tmp, target)

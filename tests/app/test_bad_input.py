@@ -233,9 +233,11 @@ def test_event_refusals(svc, dataset, recipe, unchanged):
 
 def test_builtin_source_unreachable_is_503_and_stores_nothing(svc, unchanged, tmp_path, monkeypatch):
     from tests.conftest_services import free_port_number
+    from tests.offline_pip import pip_env
 
     dead = f"http://127.0.0.1:{free_port_number()}/nothing"  # nothing listens: refused at once
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("RECMERGE_ML100K_URL", dead)
-    monkeypatch.setenv("RECMERGE_PYPI_URL", dead)
+    for k, v in pip_env(tmp_path, None).items():  # pip finds no index and no wheel
+        monkeypatch.setenv(k, v)
     refused(svc.client.post("/datasets", json={"name": "x", "source": "ml-100k"}), 503, "could not download ml-100k")

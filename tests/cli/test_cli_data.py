@@ -106,7 +106,9 @@ def test_existing_out_is_protected(tmp_path, capsys):
 
 
 def test_unreachable_download_is_one_line(tmp_path):
+    from tests.offline_pip import pip_env
+
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "RECMERGE_ML100K_URL": "http://127.0.0.1:9/ml-100k.zip",
-           "RECMERGE_PYPI_URL": "http://127.0.0.1:9/json", "RECMERGE_DOWNLOAD_TIMEOUT": "3"}
+           "RECMERGE_DOWNLOAD_TIMEOUT": "3", **pip_env(tmp_path, None)}
     res = recmerge("--source", "ml-100k", "--out", tmp_path / "out", env=env)
-    assert_one_line_error(res, "could not download ml-100k", "127.0.0.1:9/ml-100k.zip", "127.0.0.1:9/json")
+    assert_one_line_error(res, "could not download ml-100k", "127.0.0.1:9/ml-100k.zip", "pip download recbole==1.2.1")

@@ -1,12 +1,11 @@
-"""ml-100k download: GroupLens zip first, the recbole wheel from the package index second, served by a
-local HTTP server in a thread (never the internet); the result is cached and reused."""
+"""ml-100k download: GroupLens zip first (a local HTTP server in a thread, or a dead port), then the recbole
+wheel through pip, configured for an index in a local directory (never the internet); the result is
+cached and reused."""
 
 from __future__ import annotations
 
-import hashlib
 import http.server
 import io
-import json
 import socket
 import threading
 import zipfile
@@ -16,6 +15,7 @@ import pytest
 from models.data import prepare_dataset
 from models.download import fetch_ml100k
 from models.errors import DataError
+from tests.offline_pip import build_wheel, pip_env, simple_index
 
 # 4 users x 5 items: small, but enough for min_user=5 to keep every user.
 ROWS = [(u, (u * 3 + k) % 7 + 1, 5, 1000 * u + k) for u in range(1, 5) for k in range(5)]
@@ -91,7 +91,6 @@ def test_grouplens_zip_is_fetched_cached_and_prepared(tmp_path, server, monkeypa
     server.routes["/ml-100k.zip"] = zip_bytes({"ml-100k/u.data": U_DATA, "ml-100k/u.item": U_ITEM,
                                                "ml-100k/README": b"x"})
     monkeypatch.setenv("RECMERGE_ML100K_URL", server.url + "/ml-100k.zip")
-    monkeypatch.setenv("RECMERGE_PYPI_URL", server.url + "/never")
     ds = prepare_dataset("ml-100k", tmp_path / "out")
     assert (ds.n_users, ds.n_items, ds.n_interactions) == (4, 7, 20)
     assert ds.titles["3"] == "Movie 3 (1993)"
@@ -104,23 +103,21 @@ def test_grouplens_zip_is_fetched_cached_and_prepared(tmp_path, server, monkeypa
     assert sorted(p.name for p in cached.parent.iterdir()) == ["ml-100k"]  # no temp dirs left
 
 
-def test_wheel_fallback_when_grouplens_is_down(tmp_path, server, dead_url, monkeypatch):
-    wheel = zip_bytes({"recbole/__init__.py": b"",
-                       "recbole/dataset_example/ml-100k/ml-100k.inter": INTER,
-                       "recbole/dataset_example/ml-100k/ml-100k.item": ITEM})
-    release = {"urls": [
-        {"packagetype": "sdist", "url": server.url + "/recbole-1.2.1.tar.gz"},
-        {"packagetype": "bdist_wheel", "url": server.url + "/recbole-1.2.1-py3-none-any.whl",
-         "digests": {"sha256": hashlib.sha256(wheel).hexdigest()}},
-    ]}
-    server.routes["/pypi/recbole/1.2.1/json"] = json.dumps(release).encode()
-    server.routes["/recbole-1.2.1-py3-none-any.whl"] = wheel
+def test_wheel_fallback_through_pip_when_grouplens_is_down(tmp_path, dead_url, monkeypatch):
+    """GroupLens refuses; pip, configured only for an index in a local directory, fetches the wheel."""
+    wheel = build_wheel(tmp_path / "built", {"recbole/__init__.py": b"",
+                                             "recbole/dataset_example/ml-100k/ml-100k.inter": INTER,
+                                             "recbole/dataset_example/ml-100k/ml-100k.item": ITEM})
+    for k, v in pip_env(tmp_path, simple_index(tmp_path / "index", wheel)).items():
+        monkeypatch.setenv(k, v)
     monkeypatch.setenv("RECMERGE_ML100K_URL", dead_url)
-    monkeypatch.setenv("RECMERGE_PYPI_URL", server.url + "/pypi/recbole/1.2.1/json")
     ds = prepare_dataset("ml-100k", tmp_path / "out")
     assert ds.meta["format"] == "recbole"
     assert (ds.n_users, ds.n_items, ds.n_interactions) == (4, 7, 20)
     assert ds.titles["5"] == "Movie 5"
+    cached = tmp_path / "cache" / "recmerge" / "ml-100k"
+    assert (cached / "ORIGIN").read_text() == "pip download recbole==1.2.1\n"
+    assert sorted(p.name for p in cached.iterdir()) == ["ORIGIN", "ml-100k.inter", "ml-100k.item"]  # no wheel kept
     # The same ratings through either source give the same prepared content.
     plain = tmp_path / "plain"
     plain.mkdir()
@@ -128,33 +125,43 @@ def test_wheel_fallback_when_grouplens_is_down(tmp_path, server, dead_url, monke
     assert prepare_dataset(plain, tmp_path / "out2").fingerprint == ds.fingerprint
 
 
-def test_wheel_with_wrong_digest_is_refused(server, dead_url, monkeypatch):
-    wheel = zip_bytes({"recbole/dataset_example/ml-100k/ml-100k.inter": INTER})
-    release = {"urls": [{"packagetype": "bdist_wheel", "url": server.url + "/r.whl",
-                         "digests": {"sha256": "0" * 64}}]}
-    server.routes["/json"] = json.dumps(release).encode()
-    server.routes["/r.whl"] = wheel
+def test_pip_arguments_from_the_environment_reach_pip(tmp_path, dead_url, monkeypatch):
+    wheels = tmp_path / "wheels"
+    build_wheel(wheels, {"recbole/dataset_example/ml-100k/ml-100k.inter": INTER})
+    for k, v in pip_env(tmp_path, None).items():
+        monkeypatch.setenv(k, v)
     monkeypatch.setenv("RECMERGE_ML100K_URL", dead_url)
-    monkeypatch.setenv("RECMERGE_PYPI_URL", server.url + "/json")
-    with pytest.raises(DataError, match="sha256 does not match the index"):
+    monkeypatch.setenv("RECMERGE_PIP_ARGS", f"--find-links {wheels}")
+    assert (fetch_ml100k() / "ml-100k.inter").read_bytes() == INTER
+
+
+def test_wheel_without_the_data_is_refused(tmp_path, dead_url, monkeypatch):
+    wheel = build_wheel(tmp_path / "built", {"recbole/__init__.py": b""})
+    for k, v in pip_env(tmp_path, simple_index(tmp_path / "index", wheel)).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("RECMERGE_ML100K_URL", dead_url)
+    with pytest.raises(DataError, match=r"recbole-1\.2\.1-py3-none-any\.whl: the wheel holds no .*ml-100k\.inter"):
         fetch_ml100k()
+    assert not (tmp_path / "cache" / "recmerge" / "ml-100k").exists()
 
 
-def test_both_sources_failing_is_one_clear_error(tmp_path, server, dead_url, monkeypatch):
+def test_both_sources_failing_is_one_clear_error(tmp_path, dead_url, monkeypatch):
+    for k, v in pip_env(tmp_path, None).items():  # no index, no wheels: pip finds nothing
+        monkeypatch.setenv(k, v)
     monkeypatch.setenv("RECMERGE_ML100K_URL", dead_url)
-    monkeypatch.setenv("RECMERGE_PYPI_URL", server.url + "/missing.json")  # 404
     with pytest.raises(DataError) as err:
         fetch_ml100k()
     msg = str(err.value)
     assert "\n" not in msg
     assert msg.startswith("could not download ml-100k: GroupLens (" + dead_url)
-    assert "PyPI recbole wheel (" + server.url + "/missing.json): HTTP Error 404" in msg
+    assert "pip download (recbole==1.2.1): pip download recbole==1.2.1 failed (exit 1): ERROR: " in msg
     assert not (tmp_path / "cache" / "recmerge" / "ml-100k").exists()
 
 
 def test_zip_without_u_data_falls_through(tmp_path, server, monkeypatch):
     server.routes["/ml-100k.zip"] = zip_bytes({"ml-100k/README": b"nothing here"})
     monkeypatch.setenv("RECMERGE_ML100K_URL", server.url + "/ml-100k.zip")
-    monkeypatch.setenv("RECMERGE_PYPI_URL", server.url + "/missing.json")
+    for k, v in pip_env(tmp_path, None).items():
+        monkeypatch.setenv(k, v)
     with pytest.raises(DataError, match=r"ml-100k\.zip\): .*the archive holds no u\.data"):
         fetch_ml100k()
