@@ -233,14 +233,38 @@ def _factorize(col: np.ndarray) -> tuple[np.ndarray, list[str]]:
     return rank[inv], uniq[perm].tolist()
 
 
-def filter_interactions(user: np.ndarray, item: np.ndarray, min_user: int, min_item: int) -> np.ndarray:
-    """Boolean mask of the rows kept: item filter, then user filter, repeated until stable."""
+def filter_interactions(user: np.ndarray, item: np.ndarray, min_user: int, min_item: int,
+                        removed: dict | None = None) -> np.ndarray:
+    """Boolean mask of the rows kept: item filter, then user filter, repeated until stable.
+
+    `removed`, when given, is filled with what each filter took over all rounds, so a user can see why
+    their data shrank: {"min_item": {"interactions", "users", "items"}, "min_user": {...}, "rounds",
+    "read": the counts before filtering}. A filter's users and items are those that had rows before it
+    and none after (an item can vanish through the user filter, and a user through the item filter)."""
     keep = np.ones(len(user), dtype=bool)
     n_u, n_i = int(user.max()) + 1, int(item.max()) + 1
+    took = {f: {"interactions": 0, "users": 0, "items": 0} for f in ("min_item", "min_user")}
+
+    def account(name: str, before: np.ndarray, after: np.ndarray) -> None:
+        t = took[name]
+        t["interactions"] += int(before.sum() - after.sum())
+        t["users"] += int(np.count_nonzero(np.bincount(user[before], minlength=n_u))
+                          - np.count_nonzero(np.bincount(user[after], minlength=n_u)))
+        t["items"] += int(np.count_nonzero(np.bincount(item[before], minlength=n_i))
+                          - np.count_nonzero(np.bincount(item[after], minlength=n_i)))
+
+    rounds = 0
     while True:
-        new = keep & (np.bincount(item[keep], minlength=n_i)[item] >= min_item)
-        new &= np.bincount(user[new], minlength=n_u)[user] >= min_user
+        rounds += 1
+        by_item = keep & (np.bincount(item[keep], minlength=n_i)[item] >= min_item)
+        new = by_item & (np.bincount(user[by_item], minlength=n_u)[user] >= min_user)
+        if removed is not None:
+            account("min_item", keep, by_item)
+            account("min_user", by_item, new)
         if new.sum() == keep.sum():
+            if removed is not None:
+                # Codes are dense (_factorize), so every user and item code had a row before filtering.
+                removed.update(took, rounds=rounds, read={"interactions": len(user), "users": n_u, "items": n_i})
             return new
         keep = new
 
@@ -252,12 +276,13 @@ def _check_filters(min_user: int, min_item: int) -> None:
         raise DataError(f"min_item must be >= 0, got {min_item}")
 
 
-def build_sequences(inter: Interactions, min_user: int = 5, min_item: int = 0):
-    """Interactions -> (items int32, offsets int64, user_ids, item_ids) after filtering and remapping."""
+def build_sequences(inter: Interactions, min_user: int = 5, min_item: int = 0, removed: dict | None = None):
+    """Interactions -> (items int32, offsets int64, user_ids, item_ids) after filtering and remapping;
+    `removed` as in filter_interactions."""
     _check_filters(min_user, min_item)
     user, user_labels = _factorize(inter.user)
     item, item_labels = _factorize(inter.item)
-    keep = filter_interactions(user, item, min_user, min_item)
+    keep = filter_interactions(user, item, min_user, min_item, removed)
     if not keep.any():
         raise DataError(f"{inter.path}: no interactions left after filtering "
                         f"(min_user={min_user}, min_item={min_item})")
@@ -321,7 +346,8 @@ def prepare_dataset(source: str | os.PathLike, out: str | os.PathLike, fmt: str 
     titles_all = read_titles(inter.path)
     report("read", 1.0)
     report("filter", 0.0)
-    items, offsets, user_ids, item_ids = build_sequences(inter, min_user, min_item)
+    removed: dict = {}
+    items, offsets, user_ids, item_ids = build_sequences(inter, min_user, min_item, removed)
     report("filter", 1.0)
     fingerprint = compute_fingerprint(items, offsets, user_ids, item_ids)
     meta = {
@@ -329,7 +355,7 @@ def prepare_dataset(source: str | os.PathLike, out: str | os.PathLike, fmt: str 
         "source": str(source),
         "file": str(inter.path.resolve()),
         "format": inter.fmt,
-        "filters": {"min_user": min_user, "min_item": min_item, "mode": FILTER_MODE},
+        "filters": {"min_user": min_user, "min_item": min_item, "mode": FILTER_MODE, "removed": removed},
         "counts": {"users": len(user_ids), "items": len(item_ids), "interactions": len(items)},
         "fingerprint": fingerprint,
     }

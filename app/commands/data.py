@@ -37,6 +37,36 @@ def run_prepare(args) -> int:
                              order_col=args.order_col, progress=progress)
     finally:
         close()
+    for line in filter_report(ds.meta.get("filters", {})):
+        print(line)
     print(f"{ds.path}: {ds.n_users:,} users, {ds.n_items:,} items, {ds.n_interactions:,} interactions, "
           f"fingerprint {ds.fingerprint}")
     return 0
+
+
+def filter_report(filters: dict) -> list[str]:
+    """One line for what was read and one per filter with what it removed (empty for datasets prepared
+    before the counts were recorded)."""
+    removed = filters.get("removed")
+    if not removed:
+        return []
+    def n(count: int, noun: str) -> str:
+        return f"{count:,} {noun}" + ("" if count == 1 else "s")
+
+    read = removed["read"]
+    lines = [f"read {n(read['interactions'], 'interaction')} of {n(read['users'], 'user')} and "
+             f"{n(read['items'], 'item')}"]
+    for name, thing in (("min_item", "item"), ("min_user", "user")):
+        took, limit = removed[name], filters[name]
+        what = f"--{name.replace('_', '-')} {limit}"
+        if not took["interactions"]:
+            lines.append(f"{what}: removed nothing")
+            continue
+        other = "item" if thing == "user" else "user"
+        also = f"; left {n(took[other + 's'], other)} with none" if took[other + "s"] else ""
+        lines.append(f"{what}: removed {n(took[thing + 's'], thing)} with fewer than {limit} interactions "
+                     f"({n(took['interactions'], 'interaction')}{also})")
+    if removed["rounds"] > 2:  # the last round only confirms that nothing more goes
+        lines.append(f"(the filters took turns {removed['rounds'] - 1} times: what one removed made the other "
+                     "remove more)")
+    return lines

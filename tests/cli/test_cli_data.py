@@ -49,9 +49,10 @@ def test_prepare_ml100k_prints_summary(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr
     out = res.stdout.strip().splitlines()
-    assert len(out) == 1
+    assert out[:3] == ["read 100,000 interactions of 943 users and 1,682 items",
+                       "--min-item 0: removed nothing", "--min-user 5: removed nothing"]
     fp = PreparedDataset.load(tmp_path / "ml").fingerprint
-    assert "943 users, 1,682 items, 100,000 interactions" in out[0] and out[0].endswith(fp)
+    assert len(out) == 4 and "943 users, 1,682 items, 100,000 interactions" in out[3] and out[3].endswith(fp)
 
 
 def test_prepare_csv_with_column_options_and_format(tmp_path, capsys):
@@ -63,6 +64,24 @@ def test_prepare_csv_with_column_options_and_format(tmp_path, capsys):
     ds = PreparedDataset.load(tmp_path / "out")
     assert ds.user_ids == ["u0", "u1"] and ds.n_interactions == 12
     assert [ds.item_ids[i - 1] for i in ds.sequence(0)] == ["0", "2", "4", "1", "3", "0"]
+
+
+def test_prepare_prints_what_each_filter_removed(tmp_path, capsys):
+    # u1..u3 have 5 events each; u4 has 2 (dropped by --min-user 5). Item 9 is seen once (dropped by
+    # --min-item 2), which leaves u3 with 4 events: the user filter then drops u3 as well, and with it
+    # item 8, which only u3 and u4 had.
+    rows = [("u1", i) for i in (1, 2, 3, 4, 5)] + [("u2", i) for i in (1, 2, 3, 4, 5)]
+    rows += [("u3", i) for i in (1, 2, 3, 8, 9)] + [("u4", 8), ("u4", 1)]
+    f = write(tmp_path / "r.csv", "user,item,ts\n" + "".join(f"{u},{i},{t}\n" for t, (u, i) in enumerate(rows)))
+    res = in_process(capsys, "--source", f, "--min-item", "2", "--out", tmp_path / "out")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[:3] == [
+        "read 17 interactions of 4 users and 7 items",
+        "--min-item 2: removed 1 item with fewer than 2 interactions (1 interaction)",
+        "--min-user 5: removed 2 users with fewer than 5 interactions (6 interactions; left 1 item with none)",
+    ]
+    assert len(res.stdout.splitlines()) == 4  # and the summary
+    assert PreparedDataset.load(tmp_path / "out").n_interactions == 10
 
 
 def write(path: Path, text: str) -> Path:

@@ -111,7 +111,12 @@ def test_filters_reach_a_fixed_point(tmp_path):
     assert ds.item_ids == ["1", "2", "3"]
     assert (ds.lengths >= 3).all()
     assert (np.bincount(ds.items)[1:] >= 2).all()
-    assert ds.meta["filters"] == {"min_user": 3, "min_item": 2, "mode": ds.meta["filters"]["mode"]}
+    assert ds.meta["filters"] == {"min_user": 3, "min_item": 2, "mode": ds.meta["filters"]["mode"], "removed": {
+        "read": {"interactions": 13, "users": 4, "items": 5},
+        "min_item": {"interactions": 2, "users": 0, "items": 2},  # 9, then 8
+        "min_user": {"interactions": 4, "users": 2, "items": 0},  # c, then b
+        "rounds": 3,  # two that removed something, one that found nothing more to remove
+    }}
 
 
 def test_min_user_drops_short_users(tmp_path):
