@@ -125,7 +125,7 @@ def _stream(m: MergeMethod, ings: list[Ingredient], base: Ingredient | None, fis
     done = 0
     with (prefetched(read_models, steps) if m.elementwise else nullcontext(map(read_models, steps))) as blocks:
         for (name, info, start, stop), (tensors, base_block) in zip(steps, blocks):
-            x = TensorInputs(name, [_checked(t, name, i.reader) for t, i in zip(tensors, ings)])
+            x = TensorInputs(name, [_checked(t, name, i.reader) for t, i in zip(tensors, ings)], start=start)
             if base is not None:
                 x.base = _checked(base_block, name, base.reader)
             if fishers is not None:
@@ -288,7 +288,7 @@ def merge_checkpoints(method: str, checkpoints: Sequence[str | os.PathLike], out
             sha = writer.commit()
         read = separately + sum(r.bytes_read for r in [i.reader for i in ings] + ([base_ing.reader] if base_ing else [])
                                 + (fisher_readers or []))
-    stats = {"fallback_entries": m.fallback_entries} if hasattr(m, "fallback_entries") else {}
+    stats = {"fallback_entries": m.fallback_entries, "fallback": m.fallback} if hasattr(m, "fallback_entries") else {}
     return MergeResult(out, sha, m.name, metadata, read, time.perf_counter() - t0, stats, writer.bytes_reread)
 
 

@@ -183,7 +183,12 @@ def run(args) -> int:
           f"{res.bytes_read / 1e6:.1f} MB read in {res.seconds:.1f} s"
           + (f", output read back once to hash it ({res.output_reread / 1e6:.1f} MB)" if res.output_reread else ""))
     if res.stats.get("fallback_entries"):
-        print(f"fisher: {res.stats['fallback_entries']:,} entries fell back to the weighted average")
+        from merging.fallback import fallback_summary
+        from models.checkpoint import read_metadata
+
+        b = read_metadata(args.checkpoints[0]).backbone
+        print(fallback_summary(res.stats["fallback"], res.stats["fallback_entries"],
+                               float(merge_meta.get("options", {}).get("epsilon", 0.0)), b.n_items, b.kind))
     if "selection" in merge_meta:
         sel = merge_meta["selection"]
         print("greedy-soup kept " + ", ".join(args.checkpoints[i] for i in sel["kept"]))

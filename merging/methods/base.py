@@ -37,6 +37,7 @@ class TensorInputs:
     tensors: list[torch.Tensor]  # θ_i, one per model
     base: torch.Tensor | None = None  # θ_base, for task-vector methods
     fishers: list[torch.Tensor] | None = None  # F_i, same shape as θ_i
+    start: int = 0  # the block's first row within the whole tensor (row-blocked elementwise merges)
 
 
 def _validate(schema: type[BaseModel], values: dict[str, Any], method: str, where: str) -> BaseModel:

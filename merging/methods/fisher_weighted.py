@@ -31,6 +31,9 @@ class FisherWeighted(MergeMethod):
         super().__init__(*args, **kwargs)
         self.norms: list[float] | None = None
         self.fallback_entries = 0  # how many entries fell back, over the whole merge
+        # Where they are, so the user can be told why: tensor -> {"entries", "zero" (no Fisher mass at all
+        # rather than some below epsilon), "rows": {row: entries} for tensors of 2 or more dimensions}.
+        self.fallback: dict[str, dict] = {}
 
     @property
     def needs_fisher_norms(self) -> bool:
@@ -63,8 +66,18 @@ class FisherWeighted(MergeMethod):
             # Σ λ F >= 0, so "below the floor, or zero" is one comparison.
             idx = (den < floor if floor > 0 else den <= 0).nonzero(as_tuple=True)
             self.fallback_entries += len(idx[0])
+            self._record_fallback(x, den, idx)
             out[idx] = weighted_average([t[idx] for t in x.tensors], lam)
         return out
+
+    def _record_fallback(self, x: TensorInputs, den: torch.Tensor, idx: tuple[torch.Tensor, ...]) -> None:
+        rec = self.fallback.setdefault(x.name, {"entries": 0, "zero": 0, "rows": {}})
+        rec["entries"] += len(idx[0])
+        rec["zero"] += int((den[idx] == 0).sum())
+        if den.dim() >= 2:
+            rows, counts = torch.unique(idx[0], return_counts=True)
+            for r, c in zip((rows + x.start).tolist(), counts.tolist()):
+                rec["rows"][r] = rec["rows"].get(r, 0) + c
 
     def describe(self):
         return super().describe() | ({"fisher_norms": self.norms} if self.options.normalize else {})

@@ -171,3 +171,15 @@ def test_a_dataset_the_checkpoints_were_not_trained_on_is_refused(planted, capsy
                          "--out", out_dir / "m.safetensors")
     assert rc == 2 and "trained on dataset fingerprint" in err
     assert os.listdir(out_dir) == []
+
+
+def test_fisher_fallback_is_explained(planted, capsys, tmp_path):
+    ds, ckpts, _ = planted
+    rc, stdout, err = run_cli(capsys, "merge", "--method", "fisher", *ckpts[:2], "--data", ds.path,
+                              "--fisher-setting", "sampling=target", "--out", tmp_path / "fm.safetensors")
+    assert rc == 0, err
+    lines = stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if "fell back to the weighted average" in line)
+    assert "no ingredient's Fisher says anything about them" in lines[head]
+    # The padding row of the item table can never get a gradient, so it always falls back (16 = hidden).
+    assert "  item_emb.weight row 0: 16 entries: the padding token, which never receives a gradient" in lines
