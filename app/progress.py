@@ -22,3 +22,20 @@ def progress_bars():
             bar.close()
 
     return progress, close
+
+
+def counting_bar(total: int, unit: str, desc: str):
+    """A progress(stage, fraction) callback drawing one bar of `total` units, shown like training's bar:
+    always, so a multi-minute estimate is never silent, also when stderr goes to a log (there it redraws
+    every 10 s instead of 10 times a second, so the log stays readable)."""
+    import sys
+
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True, mininterval=0.1 if tty else 10.0)
+
+    def progress(stage: str, fraction: float) -> None:
+        bar.update(round(fraction * total) - bar.n)
+
+    return progress, bar.close

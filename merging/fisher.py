@@ -79,6 +79,26 @@ class FisherSettings(BaseModel):
         return fields
 
 
+# What `recmerge merge --method fisher` estimates when not told otherwise. Exact Fishers over every user cost
+# about an hour per model at ~30,000 users; top-10 sampling was measured ~9x faster per sequence than exact
+# and merged as well as exact or larger n on ml-100k (docs/results/merge_quality.md), and 4,000 users keep
+# four ~1 MB models' Fishers within a few minutes on 2 CPU cores (docs/results/fisher_defaults.md).
+MERGE_DEFAULTS = {"sampling": "topk", "n": 10, "max_users": 4000}
+
+
+def merge_settings(given: dict) -> dict:
+    """The settings of a Fisher estimated for a merge: MERGE_DEFAULTS overridden by `given`. A sampling
+    given without n does not inherit the default n (exact and target take none); max_users "all" (or
+    none) means every user."""
+    settings = dict(MERGE_DEFAULTS)
+    if "sampling" in given:
+        settings.pop("n")
+    settings.update(given)
+    if str(settings.get("max_users")).lower() in ("all", "none"):
+        settings["max_users"] = None
+    return settings
+
+
 def parse_settings(values: FisherSettings | dict) -> FisherSettings:
     """FisherSettings from a dict, every invalid field named in one RecmergeError line."""
     if isinstance(values, FisherSettings):

@@ -31,8 +31,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from tqdm import tqdm
-
+    from app.progress import counting_bar
     from merging.fisher import estimate_fisher, fisher_users, parse_settings
     from models.checkpoint import read_metadata
     from models.data import PreparedDataset
@@ -45,16 +44,12 @@ def run(args) -> int:
     read_metadata(args.checkpoint)  # fail fast on a file that is not a recmerge checkpoint
     ds = PreparedDataset.load(args.data)
     total = len(fisher_users(ds, settings))
-    bar = tqdm(total=total, unit="seq", desc=f"fisher {settings.sampling}", disable=None)
-
-    def progress(stage: str, fraction: float) -> None:
-        bar.update(round(fraction * total) - bar.n)
-
+    progress, close = counting_bar(total, "seq", f"fisher {settings.sampling}")
     try:
         result = estimate_fisher(args.checkpoint, ds, settings, out=args.out, cache_dir=args.cache_dir,
                                  progress=progress, device=args.device)
     finally:
-        bar.close()
+        close()
     how = "reused from cache" if result.cached else f"{result.seconds:.1f} s"
     print(f"{result.path}: Fisher over {result.metadata['examples']} sequences "
           f"(sampling {settings.sampling}, n {result.metadata['n']}, {settings.computation}; {how})")

@@ -23,14 +23,19 @@ def register(sub) -> None:
                    help="method option, repeatable: normalize=true, epsilon=1e-8, alpha=0.5, density=0.2, "
                         "p=0.9, seed=1, combine=ties")
     p.add_argument("--fisher-setting", action="append", default=[], metavar="KEY=VALUE",
-                   help="Fisher estimation setting when --fisher is omitted, repeatable (default sampling=exact; "
-                        "e.g. sampling=topk, n=30, computation=batchwise, max_users=1000); the files are kept "
-                        "as <out>.fisherN.safetensors")
+                   help="Fisher estimation setting when --fisher is omitted, repeatable (default sampling=topk, "
+                        "n=10, max_users=4000, chosen to finish in minutes on ~30,000 users; e.g. sampling=exact, "
+                        "n=30, computation=batchwise, max_users=all); the files are kept as "
+                        "<out>.fisherN.safetensors")
     p.add_argument("--fisher-cache-dir", help="reuse Fishers estimated with the same checkpoint, data and settings")
     p.add_argument("--data", help="prepared dataset: needed by greedy-soup, --evaluate, --finetune-epochs "
                                   "and Fisher estimation")
     p.add_argument("--evaluate", action="store_true",
                    help="print the merged model's validation and test metrics beside each ingredient's")
+    p.add_argument("--eval-cache-dir",
+                   help="where --evaluate remembers scores by (checkpoint sha256, dataset fingerprint, split, "
+                        "protocol) (default $XDG_CACHE_HOME/recmerge/evaluations)")
+    p.add_argument("--no-eval-cache", action="store_true", help="score every model again")
     p.add_argument("--finetune-epochs", type=int, default=0,
                    help="after merging, train this many epochs from the merge (the merge itself is kept as "
                         "<out>.raw.safetensors)")
@@ -88,17 +93,31 @@ def validation_score(ds, backbone, device=None):
     return score
 
 
-def _estimate_fishers(args, ds, progress) -> list[str]:
+def _estimate_fishers(args, ds) -> list[str]:
     """Fisher files for the fisher method when --fisher is not given, kept beside the output."""
-    from merging.fisher import estimate_fisher  # imported only when a Fisher must be estimated
+    from app.progress import counting_bar
+    from merging.fisher import estimate_fisher, fisher_users, merge_settings, parse_settings
 
-    settings = {"sampling": "exact"} | parse_options(args.fisher_setting, "--fisher-setting")
+    given = parse_options(args.fisher_setting, "--fisher-setting")
+    settings = parse_settings(merge_settings(given))
+    users = len(fisher_users(ds, settings))
+    eligible = len(fisher_users(ds, settings.model_copy(update={"max_users": None})))
+    chosen = ", ".join(f"{k}={v}" for k, v in settings.model_dump().items()
+                       if k in ("sampling", "n", "max_users", "computation") and v is not None)
+    origin = "defaults, overridden by --fisher-setting" if given else "defaults"
+    print(f"fisher: estimating {len(args.checkpoints)} Fishers with {chosen} ({origin}): {users:,} of {eligible:,} "
+          f"users" + ("" if users == eligible else f" (a seeded subsample, seed {settings.seed}; "
+                                                    "--fisher-setting max_users=all for every user)"), flush=True)
     out, n = Path(args.out), len(args.checkpoints)
     paths = []
     for i, c in enumerate(args.checkpoints):
         f = out.with_name(f"{out.name.removesuffix('.safetensors')}.fisher{i + 1}.safetensors")
-        res = estimate_fisher(c, ds, settings, out=f, cache_dir=args.fisher_cache_dir, device=args.device,
-                              progress=lambda stage, x, i=i: progress(f"fisher {i + 1}/{n}", x))
+        progress, close = counting_bar(users, "seq", f"fisher {i + 1}/{n}")
+        try:
+            res = estimate_fisher(c, ds, settings, out=f, cache_dir=args.fisher_cache_dir, device=args.device,
+                                  progress=progress)
+        finally:
+            close()
         paths.append(str(res.path))
     return paths
 
@@ -119,18 +138,38 @@ def _finetune(args, ds, merged: Path, out: Path, merge_meta: dict, merged_sha256
     save_checkpoint(out, state, meta)
 
 
-def _metrics_table(args, ds, paths: list[tuple[str, str]]) -> str:
+def _metrics_table(args, ds, paths: list[tuple[str, str]], known_sha: dict[str, str]) -> str:
+    """Validation and test metrics of each model, one row each; scores already computed for the same
+    checkpoint bytes, dataset, split and protocol come from the evaluation cache."""
+    from models.checkpoint import file_sha256
+    from models.eval_cache import EvaluationCache, default_dir
     from models.evaluate import evaluate, load_for_dataset
     from models.train import resolve_device
 
     device = resolve_device(args.device)
+    cache = None if args.no_eval_cache else EvaluationCache(args.eval_cache_dir or default_dir())
     cols = [("valid", "ndcg@10"), ("valid", "hr@10"), ("test", "ndcg@10"), ("test", "hr@10"), ("test", "mrr")]
     width = max(len(label) for label, _ in paths) + 2
     lines = [f"{'model':<{width}}" + "".join(f"{s + ' ' + m:>15}" for s, m in cols)]
     for label, path in paths:
-        model, _ = load_for_dataset(path, ds, device=device)
-        res = {s: evaluate(model, ds, split=s, protocols=("full",), device=device)["full"] for s in ("valid", "test")}
+        loaded = []
+
+        def score(split, protocols, path=path, loaded=loaded):
+            if not loaded:  # a model whose scores are all cached is never loaded
+                loaded.append(load_for_dataset(path, ds, device=device)[0])
+            return evaluate(loaded[0], ds, split=split, protocols=protocols, device=device)
+
+        res = {}
+        for split in ("valid", "test"):
+            if cache is None:
+                res[split] = score(split, ("full",))["full"]
+            else:
+                sha = known_sha.get(path) or file_sha256(path)
+                res[split] = cache.evaluate(sha, ds.fingerprint, split, ("full",),
+                                            lambda protocols, split=split: score(split, protocols))["full"]
         lines.append(f"{label:<{width}}" + "".join(f"{res[s][m]:>15.4f}" for s, m in cols))
+    if cache is not None:
+        lines.append(f"({cache.hits} of {cache.hits + cache.misses} evaluations reused from {cache.dir})")
     return "\n".join(lines)
 
 
@@ -166,7 +205,7 @@ def run(args) -> int:
             # Refuse bad options or checkpoints before spending time on Fishers.
             build_method(args.method, len(args.checkpoints), options, args.weights)
             check_compatible(args.checkpoints)
-            fishers = _estimate_fishers(args, ds, progress)
+            fishers = _estimate_fishers(args, ds)
         score = None
         if args.method == "greedy-soup":
             from models.checkpoint import read_metadata
@@ -200,5 +239,5 @@ def run(args) -> int:
         if args.finetune_epochs:
             rows.append(("merged (raw)", str(merged)))
         rows.append(("merged", str(out)))
-        print(_metrics_table(args, ds, rows))
+        print(_metrics_table(args, ds, rows, {str(merged): res.sha256}))
     return 0

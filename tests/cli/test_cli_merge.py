@@ -116,7 +116,8 @@ def test_greedy_soup_with_evaluation_prints_the_merge_beside_its_ingredients(pla
         assert sel["individual"][i] == pytest.approx(evaluate(model, ds, "valid", ("full",))["full"]["ndcg@10"])
     assert "greedy-soup kept" in stdout
     table = stdout[stdout.index("model "):].splitlines()
-    assert [line.split()[0] for line in table[1:]] == [c.name for c in ckpts] + ["merged"]
+    assert [line.split()[0] for line in table[1:-1]] == [c.name for c in ckpts] + ["merged"]
+    assert table[-1].startswith("(0 of 8 evaluations reused from ")
     assert len(table[1].split()) == 6  # name + valid ndcg/hr + test ndcg/hr/mrr
 
 
@@ -183,3 +184,63 @@ def test_fisher_fallback_is_explained(planted, capsys, tmp_path):
     assert "no ingredient's Fisher says anything about them" in lines[head]
     # The padding row of the item table can never get a gradient, so it always falls back (16 = hidden).
     assert "  item_emb.weight row 0: 16 entries: the padding token, which never receives a gradient" in lines
+
+
+def test_default_fisher_settings_are_sampled_on_a_subsample_and_said(planted, capsys, tmp_path, monkeypatch):
+    import merging.fisher
+
+    ds, ckpts, _ = planted
+    monkeypatch.setitem(merging.fisher.MERGE_DEFAULTS, "max_users", 40)  # the planted dataset has 60 users
+    rc, stdout, err = run_cli(capsys, "merge", "--method", "fisher", *ckpts[:2], "--data", ds.path,
+                              "--out", tmp_path / "fm.safetensors")
+    assert rc == 0, err
+    assert ("fisher: estimating 2 Fishers with sampling=topk, n=10, computation=per-example, max_users=40 "
+            "(defaults): 40 of 60 users (a seeded subsample, seed 0; --fisher-setting max_users=all for every "
+            "user)") in stdout
+    fishers = read_metadata(tmp_path / "fm.safetensors").merge["fishers"]
+    assert [(f["sampling"], f["n"], f["examples"]) for f in fishers] == [("topk", "10", "40")] * 2
+    # Each estimate drew a bar on stderr, even though stderr is not a terminal here.
+    assert "fisher 1/2" in err and "fisher 2/2" in err and "40/40" in err
+
+
+def test_a_given_sampling_drops_the_default_n_and_all_users_can_be_asked_for(planted, capsys, tmp_path):
+    ds, ckpts, _ = planted
+    rc, stdout, err = run_cli(capsys, "merge", "--method", "fisher", *ckpts[:2], "--data", ds.path,
+                              "--fisher-setting", "sampling=exact", "--fisher-setting", "max_users=all",
+                              "--out", tmp_path / "fm.safetensors")
+    assert rc == 0, err
+    assert "with sampling=exact, computation=per-example (defaults, overridden by --fisher-setting): 60 of 60 " \
+           "users\n" in stdout
+
+
+def test_evaluations_are_cached_by_checkpoint_dataset_split_and_protocol(planted, capsys, tmp_path, monkeypatch):
+    import models.evaluate
+
+    ds, ckpts, _ = planted
+    calls = []
+    real = models.evaluate.evaluate
+    monkeypatch.setattr(models.evaluate, "evaluate", lambda *a, **k: calls.append(k["split"]) or real(*a, **k))
+    args = ["merge", "--method", "uniform", *ckpts[:2], "--data", ds.path, "--evaluate"]
+    rc, first, err = run_cli(capsys, *args, "--out", tmp_path / "a.safetensors")
+    assert rc == 0, err
+    assert len(calls) == 6 and "(0 of 6 evaluations reused from " in first
+    # The same merge again (same bytes under another name): nothing is scored again, the table is the same.
+    rc, second, err = run_cli(capsys, *args, "--out", tmp_path / "b.safetensors")
+    assert rc == 0, err
+    assert len(calls) == 6 and "(6 of 6 evaluations reused from " in second
+    table = [line for line in first.splitlines() if line.startswith(("model", "p0", "p1", "merged"))]
+    assert table and table == [line for line in second.splitlines() if line.startswith(("model", "p0", "p1", "merged"))]
+    # Another merge: only its own two scores are new; --no-eval-cache scores everything.
+    rc, third, _ = run_cli(capsys, *args[:3], ckpts[0], ckpts[2], *args[5:], "--out", tmp_path / "c.safetensors")
+    assert len(calls) == 10 and "(2 of 6 evaluations reused" in third
+    run_cli(capsys, *args, "--no-eval-cache", "--out", tmp_path / "d.safetensors")
+    assert len(calls) == 16
+
+
+def test_recmerge_fisher_draws_a_progress_bar_also_into_a_log(planted, capsys, tmp_path):
+    ds, ckpts, _ = planted
+    rc, stdout, err = run_cli(capsys, "fisher", ckpts[0], "--data", ds.path, "--sampling", "topk", "--n", "5",
+                              "--batch-size", "16", "--out", tmp_path / "f.safetensors")
+    assert rc == 0, err
+    assert "fisher topk: 100%" in err and "60/60" in err and "seq/s" in err
+    assert "Fisher over 60 sequences" in stdout
