@@ -13,7 +13,7 @@ import torch
 
 from merging.fisher_norm import stored_sq_norm
 from merging.io import SafetensorsReader
-from models.checkpoint import CheckpointMeta, parse_metadata
+from models.checkpoint import CheckpointMeta, admit
 from models.errors import CheckpointError, IncompatibleError
 
 
@@ -27,12 +27,8 @@ class Ingredient:
 
     @classmethod
     def open(cls, path) -> Ingredient:
-        reader = SafetensorsReader(path)
-        try:
-            return cls(Path(path), reader, parse_metadata(reader.metadata, where=str(path)))
-        except BaseException:
-            reader.close()
-            raise
+        meta = admit(path)  # bounded header checks against the tensors, before the reader trusts any of it
+        return cls(Path(path), SafetensorsReader(path), meta)
 
     def __enter__(self) -> Ingredient:
         return self

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from models.admission import TensorEntry, backbone_from_header, check_against_backbone, read_header, tensor_table
 from models.config import BackboneConfig
 from models.errors import CheckpointError, IncompatibleError
 
@@ -49,65 +50,55 @@ class CheckpointMeta:
         return head
 
 
-def check_safetensors_file(path: str | os.PathLike) -> None:
+def check_safetensors_file(path: str | os.PathLike, where: str | None = None, max_header: int = _MAX_HEADER) -> None:
     """Refuse anything that is not a well-formed safetensors file, before any parser sees it."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{p}: no such file")
-    if p.is_dir():
-        raise CheckpointError(f"{p}: is a directory, expected a .safetensors file")
-    if p.suffix in (".pt", ".pth", ".bin", ".pkl", ".ckpt"):
-        raise CheckpointError(f"{p}: pickled checkpoints ({p.suffix}) are refused; use .safetensors")
-    size = p.stat().st_size
-    with open(p, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{p}: not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", head)
-        if n == 0 or n > _MAX_HEADER or 8 + n > size:
-            raise CheckpointError(f"{p}: not a safetensors file (bad header length)")
-        first = f.read(1)
-        if first != b"{":
-            raise CheckpointError(f"{p}: not a safetensors file (header is not JSON)")
-        f.seek(8)
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointError(f"{p}: not a safetensors file (header is not JSON)") from None
-    end = 8 + n
+    where = where or str(path)
+    header, data_start, size = read_header(path, where, max_header)
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
             lo, hi = info["data_offsets"]
+            hi = int(hi)
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{p}: tensor {name!r} has no data offsets") from None
-        if end + hi > size:
-            raise CheckpointError(f"{p}: truncated (tensor {name!r} runs past the end of the file)")
+            raise CheckpointError(f"{where}: tensor {name[:100]!r} has no data offsets") from None
+        if data_start + hi > size:
+            raise CheckpointError(f"{where}: truncated (tensor {name[:100]!r} runs past the end of the file)")
 
 
-def read_raw_metadata(path: str | os.PathLike) -> dict[str, str]:
-    check_safetensors_file(path)
+def read_raw_metadata(path: str | os.PathLike, where: str | None = None) -> dict[str, str]:
+    where = where or str(path)
+    check_safetensors_file(path, where)
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(f"{path}: cannot read safetensors header: {e}") from None
+        raise CheckpointError(f"{where}: cannot read safetensors header: {e}") from None
 
 
-def parse_metadata(head: dict[str, str], where: str = "checkpoint") -> CheckpointMeta:
+def parse_metadata(head: dict[str, str], where: str = "checkpoint",
+                   tensors: dict[str, TensorEntry] | None = None) -> CheckpointMeta:
+    """With `tensors` (the file's tensor table), every backbone integer is bounded by what they can hold."""
     if head.get("format") != FORMAT:
-        raise CheckpointError(f"{where}: not a recmerge checkpoint (metadata format={head.get('format')!r})")
+        raise CheckpointError(f"{where}: not a recmerge checkpoint (metadata format={str(head.get('format'))[:40]!r})")
     for key in ("backbone", "recipe", "dataset_fingerprint", "n_items"):
         if key not in head:
             raise CheckpointError(f"{where}: metadata field {key!r} is missing")
-    backbone = BackboneConfig.from_json(head["backbone"])
+    if tensors is not None:
+        backbone = backbone_from_header(head["backbone"], tensors, where)
+    else:
+        try:
+            backbone = BackboneConfig.from_json(head["backbone"])
+        except CheckpointError as e:
+            raise CheckpointError(f"{where}: {e}") from None
     try:
         recipe = json.loads(head["recipe"])
         merge = json.loads(head["merge"]) if "merge" in head else None
         n_items = int(head["n_items"])
-    except (json.JSONDecodeError, ValueError) as e:
-        raise CheckpointError(f"{where}: malformed metadata: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{where}: malformed metadata: {str(e)[:80]}") from None
+    if not isinstance(recipe, dict) or not (merge is None or isinstance(merge, dict)):
+        raise CheckpointError(f"{where}: metadata fields 'recipe' and 'merge' must be JSON objects")
     if n_items != backbone.n_items:
         raise CheckpointError(f"{where}: n_items={n_items} disagrees with backbone n_items={backbone.n_items}")
     reserved = {"format", "backbone", "recipe", "dataset_fingerprint", "n_items", "created_by", "merge"}
@@ -122,8 +113,20 @@ def parse_metadata(head: dict[str, str], where: str = "checkpoint") -> Checkpoin
     )
 
 
-def read_metadata(path: str | os.PathLike) -> CheckpointMeta:
-    return parse_metadata(read_raw_metadata(path), where=str(path))
+def admit(path: str | os.PathLike, where: str | None = None) -> CheckpointMeta:
+    """Every check of models/admission.py, in its order; nothing is allocated from header values before
+    they agree with the tensors. `where` names the file in messages (default: its path)."""
+    where = where or str(path)
+    header, data_start, size = read_header(path, where)
+    raw, tensors = tensor_table(header, data_start, size, where)
+    meta = parse_metadata(raw, where, tensors)
+    check_against_backbone(meta.backbone, tensors, where)
+    return meta
+
+
+def read_metadata(path: str | os.PathLike, where: str | None = None) -> CheckpointMeta:
+    """The metadata of an admitted checkpoint (see `admit`)."""
+    return admit(path, where)
 
 
 def check_trained_on(meta: CheckpointMeta, ds, where: str) -> None:
@@ -195,33 +198,30 @@ def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]
     return file_sha256(path)
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
-    meta = read_metadata(path)
+def load_checkpoint(path: str | os.PathLike,
+                    where: str | None = None) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
+    where = where or str(path)
+    meta = admit(path, where)
     tensors = {}
-    with safe_open(str(path), framework="pt") as f:
-        for k in f.keys():
-            tensors[k] = f.get_tensor(k)
-    check_finite(tensors, str(path))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():
+                tensors[k] = f.get_tensor(k)
+    except Exception as e:  # safetensors raises its own error types; admission should have caught it
+        raise CheckpointError(f"{where}: cannot read tensors: {e}") from None
+    check_finite(tensors, where)
     return tensors, meta
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """Rebuild the model a checkpoint describes; shapes and names must match exactly."""
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", where: str | None = None):
+    """Rebuild the model a checkpoint describes; `admit` has proved names, shapes and dtypes match. A
+    half-precision file is converted to the model's float32 here, explicitly."""
     from models.backbone import SeqRecModel
 
-    state, meta = load_checkpoint(path)
+    state, meta = load_checkpoint(path, where)
     model = SeqRecModel(meta.backbone)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: tensor names do not match the backbone (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
-    for k, v in expected.items():
-        if tuple(state[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{path}: tensor {k!r} has shape {tuple(state[k].shape)}, "
-                                  f"the backbone expects {tuple(v.shape)}")
-    model.load_state_dict(state)
+    own = model.state_dict()
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
     return model.to(device).eval(), meta
 
 
