@@ -168,7 +168,8 @@ def _fisher_norms(readers: list[SafetensorsReader], chunk_bytes: int, report) ->
 
 
 def _merged_metadata(m: MergeMethod, ings: list[Ingredient], shas: list[str], base_sha: str | None,
-                     fishers: list[SafetensorsReader] | None, selection: dict | None) -> dict[str, str]:
+                     fishers: list[SafetensorsReader] | None, selection: dict | None,
+                     config: dict | None = None) -> dict[str, str]:
     metas = [i.meta for i in ings]
     ref = metas[0]
     same_recipe = all(mt.recipe == ref.recipe for mt in metas)
@@ -180,6 +181,8 @@ def _merged_metadata(m: MergeMethod, ings: list[Ingredient], shas: list[str], ba
         merge["fishers"] = [{k: v for k, v in f.metadata.items() if k != SQ_NORM} for f in fishers]
     if selection is not None:
         merge["selection"] = selection
+    if config is not None:
+        merge["config"] = config
     meta = CheckpointMeta(backbone=ref.backbone, recipe=recipe, dataset_fingerprint=ref.dataset_fingerprint,
                           n_items=ref.n_items, merge=merge, extra=extra)
     return meta.to_header()
@@ -190,7 +193,8 @@ def merge_checkpoints(method: str, checkpoints: Sequence[str | os.PathLike], out
                       base: str | os.PathLike | None = None, fishers: Sequence[str | os.PathLike] | None = None,
                       score: Callable[[dict[str, torch.Tensor]], float] | None = None,
                       progress: Progress = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                      threads: int | None = 1, sha256s: Sequence[str] | None = None) -> MergeResult:
+                      threads: int | None = 1, sha256s: Sequence[str] | None = None,
+                      config: dict | None = None) -> MergeResult:
     """Merge `checkpoints` with `method` into the safetensors file `out`; nothing is left at (or beside)
     `out` unless the whole merge succeeds. `score(state_dict) -> float` is needed by greedy-soup only.
     `threads`: torch intra-op threads for the streaming passes (None leaves torch's setting alone; the
@@ -200,7 +204,9 @@ def merge_checkpoints(method: str, checkpoints: Sequence[str | os.PathLike], out
     as it is written instead of read back, and a Fisher of another checkpoint is refused before anything
     is written. Each digest is still checked against the bytes the merge reads: a file that no longer
     matches is refused and leaves nothing behind. (A fisher merge gets the same from the digests its
-    Fishers record; without either, the output is read back once to hash it.)"""
+    Fishers record; without either, the output is read back once to hash it.)
+    `config`: the merge config that asked for this merge (merging/config.py, its record()), stored in the
+    header's `merge` entry so the file says how to make it again."""
     t0 = time.perf_counter()
     keep_freed_blocks()
     report = progress or (lambda stage, f: None)
@@ -253,7 +259,8 @@ def merge_checkpoints(method: str, checkpoints: Sequence[str | os.PathLike], out
         def metadata_for(digests: list[str | None]) -> dict[str, str]:
             # A digest not known yet stands in as 64 zeros: same length, so the header keeps its size.
             final = [d or _NO_DIGEST for d in digests]
-            return _merged_metadata(m, ings, final[:n], final[n] if base_ing else None, fisher_readers, selection)
+            return _merged_metadata(m, ings, final[:n], final[n] if base_ing else None, fisher_readers, selection,
+                                    config)
 
         # Everything the header needs but the digests is known now; it goes first, so the tensors can stream after
         # it. A Fisher names the checkpoint it was computed for: that digest stands in for one not known yet, so

@@ -1,6 +1,8 @@
-"""`recmerge merge --method METHOD CKPT... --out M.safetensors`: merge checkpoints with any registered
-method (uniform, weighted, fisher, greedy-soup, task-arithmetic, ties, dare), streamed tensor by tensor;
-optionally fine-tune the merge and print its metrics beside each ingredient's."""
+"""`recmerge merge --method METHOD CKPT... --out M.safetensors` or `recmerge merge --config merge.yaml --out
+M.safetensors`: merge checkpoints with any registered method (uniform, weighted, fisher, greedy-soup,
+task-arithmetic, ties, dare), streamed tensor by tensor; optionally fine-tune the merge and print its
+metrics beside each ingredient's. Flags are turned into the same config document a file holds
+(merging/config.py); the merged file records it, and a Markdown model card is written beside it."""
 
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ from pathlib import Path
 def register(sub) -> None:
     p = sub.add_parser("merge", help="merge checkpoints (uniform, weighted, fisher, greedy-soup, task-arithmetic, "
                                      "ties, dare)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="ingredient checkpoints (.safetensors)")
-    p.add_argument("--method", required=True, help="merge method; an unknown name lists the known ones")
+    p.add_argument("checkpoints", nargs="*", metavar="CKPT", help="ingredient checkpoints (.safetensors)")
+    p.add_argument("--config", help="a merge config (YAML or JSON; see docs/examples/), or a merged checkpoint "
+                                    "whose recorded config is run again; replaces CKPT and the merge flags")
+    p.add_argument("--method", help="merge method; an unknown name lists the known ones")
     p.add_argument("--out", required=True, help="merged checkpoint to write (.safetensors)")
     p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per checkpoint (w_i or λ_i)")
     p.add_argument("--fisher", nargs="+", metavar="F",
@@ -93,24 +97,21 @@ def validation_score(ds, backbone, device=None):
     return score
 
 
-def _estimate_fishers(args, ds) -> list[str]:
-    """Fisher files for the fisher method when --fisher is not given, kept beside the output."""
+def _estimate_fishers(args, ds, checkpoints: list[str], settings, origin: str) -> list[str]:
+    """Fisher files for the fisher method when none are given, kept beside the output."""
     from app.progress import counting_bar
-    from merging.fisher import estimate_fisher, fisher_users, merge_settings, parse_settings
+    from merging.fisher import estimate_fisher, fisher_users
 
-    given = parse_options(args.fisher_setting, "--fisher-setting")
-    settings = parse_settings(merge_settings(given))
     users = len(fisher_users(ds, settings))
     eligible = len(fisher_users(ds, settings.model_copy(update={"max_users": None})))
     chosen = ", ".join(f"{k}={v}" for k, v in settings.model_dump().items()
                        if k in ("sampling", "n", "max_users", "computation") and v is not None)
-    origin = "defaults, overridden by --fisher-setting" if given else "defaults"
-    print(f"fisher: estimating {len(args.checkpoints)} Fishers with {chosen} ({origin}): {users:,} of {eligible:,} "
+    print(f"fisher: estimating {len(checkpoints)} Fishers with {chosen} ({origin}): {users:,} of {eligible:,} "
           f"users" + ("" if users == eligible else f" (a seeded subsample, seed {settings.seed}; "
                                                     "--fisher-setting max_users=all for every user)"), flush=True)
-    out, n = Path(args.out), len(args.checkpoints)
+    out, n = Path(args.out), len(checkpoints)
     paths = []
-    for i, c in enumerate(args.checkpoints):
+    for i, c in enumerate(checkpoints):
         f = out.with_name(f"{out.name.removesuffix('.safetensors')}.fisher{i + 1}.safetensors")
         progress, close = counting_bar(users, "seq", f"fisher {i + 1}/{n}")
         try:
@@ -138,9 +139,12 @@ def _finetune(args, ds, merged: Path, out: Path, merge_meta: dict, merged_sha256
     save_checkpoint(out, state, meta)
 
 
-def _metrics_table(args, ds, paths: list[tuple[str, str]], known_sha: dict[str, str]) -> str:
-    """Validation and test metrics of each model, one row each; scores already computed for the same
-    checkpoint bytes, dataset, split and protocol come from the evaluation cache."""
+METRIC_COLUMNS = [("valid", "ndcg@10"), ("valid", "hr@10"), ("test", "ndcg@10"), ("test", "hr@10"), ("test", "mrr")]
+
+
+def _scores(args, ds, paths: list[tuple[str, str]], known_sha: dict[str, str]):
+    """{label: {split: {"full": metrics}}} for each model, and the evaluation cache used (None when off).
+    Scores already computed for the same checkpoint bytes, dataset, split and protocol come from the cache."""
     from models.checkpoint import file_sha256
     from models.eval_cache import EvaluationCache, default_dir
     from models.evaluate import evaluate, load_for_dataset
@@ -148,9 +152,7 @@ def _metrics_table(args, ds, paths: list[tuple[str, str]], known_sha: dict[str, 
 
     device = resolve_device(args.device)
     cache = None if args.no_eval_cache else EvaluationCache(args.eval_cache_dir or default_dir())
-    cols = [("valid", "ndcg@10"), ("valid", "hr@10"), ("test", "ndcg@10"), ("test", "hr@10"), ("test", "mrr")]
-    width = max(len(label) for label, _ in paths) + 2
-    lines = [f"{'model':<{width}}" + "".join(f"{s + ' ' + m:>15}" for s, m in cols)]
+    out = {}
     for label, path in paths:
         loaded = []
 
@@ -162,82 +164,185 @@ def _metrics_table(args, ds, paths: list[tuple[str, str]], known_sha: dict[str, 
         res = {}
         for split in ("valid", "test"):
             if cache is None:
-                res[split] = score(split, ("full",))["full"]
+                res[split] = score(split, ("full",))
             else:
                 sha = known_sha.get(path) or file_sha256(path)
                 res[split] = cache.evaluate(sha, ds.fingerprint, split, ("full",),
-                                            lambda protocols, split=split: score(split, protocols))["full"]
-        lines.append(f"{label:<{width}}" + "".join(f"{res[s][m]:>15.4f}" for s, m in cols))
+                                            lambda protocols, split=split: score(split, protocols))
+        out[label] = res
+    return out, cache
+
+
+def _metrics_table(scores: dict, cache) -> str:
+    width = max(len(label) for label in scores) + 2
+    lines = [f"{'model':<{width}}" + "".join(f"{s + ' ' + m:>15}" for s, m in METRIC_COLUMNS)]
+    for label, res in scores.items():
+        lines.append(f"{label:<{width}}" + "".join(f"{res[s]['full'][m]:>15.4f}" for s, m in METRIC_COLUMNS))
     if cache is not None:
         lines.append(f"({cache.hits} of {cache.hits + cache.misses} evaluations reused from {cache.dir})")
     return "\n".join(lines)
 
 
+def config_yaml(record: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(record, sort_keys=False, default_flow_style=False)
+
+
+def _write_card(out: Path, checkpoints: list[str], base: str | None, scores: dict | None) -> Path:
+    """`<out>.md` beside the merged file: models/card.py filled from the headers and the scores just printed."""
+    from models.card import CardInput, Ingredient, render_card
+    from models.checkpoint import file_sha256, read_metadata
+
+    meta = read_metadata(out)
+    merge = meta.merge or {}
+    weights = merge.get("weights") or [None] * len(checkpoints)
+    shas = merge.get("ingredients") or [file_sha256(c) for c in checkpoints]
+    ings = [Ingredient(c, sha, read_metadata(c).recipe.get("name"), w)
+            for c, sha, w in zip(checkpoints, shas, weights)]
+    base_ing = Ingredient(base, merge.get("base") or file_sha256(base)) if base else None
+    metrics = {}
+    if scores:
+        metrics = {(f"**{out.name}**" if label == "merged" else label): res for label, res in scores.items()}
+    config = merge.get("config")
+    reproduce = (f"```\nrecmerge merge --config {out} --out {out.name}\n```\n\nruns the config this file records "
+                 "again and writes the same bytes (ingredient paths as below, relative to where the merge ran):\n\n"
+                 f"```yaml\n{config_yaml(config)}```") if config else ""
+    card = CardInput(name=out.name, kind="merged", meta=meta, sha256=file_sha256(out), size=out.stat().st_size,
+                     metrics=metrics, ingredients=ings, base=base_ing, reproduce=reproduce)
+    path = out.with_suffix(".md")
+    path.write_text(render_card(card))
+    return path
+
+
+FLAG_ONLY = ("checkpoints", "method", "weights", "fisher", "base", "option", "fisher_setting")
+
+
+def _document_from_flags(args) -> dict:
+    """The config document the flags describe. The method's own checks run first, so flag mistakes get the
+    messages that name flags (--weights, --option) rather than config fields."""
+    from merging.merge import build_method
+    from merging.methods import MergeOptionsError
+    from models.errors import RecmergeError
+
+    if not args.method or not args.checkpoints:
+        raise RecmergeError("give --method and the checkpoints to merge, or --config")
+    n = len(args.checkpoints)
+    options = parse_options(args.option)
+    build_method(args.method, n, options, args.weights)
+    if args.fisher and args.fisher_setting:
+        raise RecmergeError("--fisher-setting applies only when the Fishers are estimated (no --fisher)")
+    if args.fisher and len(args.fisher) != n:
+        raise MergeOptionsError(f"{args.method}: got {len(args.fisher)} Fisher files for {n} checkpoints")
+    models = []
+    for i, c in enumerate(args.checkpoints):
+        params = {}
+        if args.weights is not None:
+            params["weight"] = args.weights[i]
+        if args.fisher:
+            params["fisher"] = args.fisher[i]
+        models.append({"model": c, "parameters": params})
+    settings = parse_options(args.fisher_setting, "--fisher-setting") or None
+    return {"merge_method": args.method, "models": models, "base_model": args.base, "parameters": options,
+            "fisher": settings, "dataset": args.data}
+
+
+def _document_from_file(args) -> dict:
+    from merging.config import load_document
+    from models.checkpoint import read_metadata
+    from models.errors import RecmergeError
+
+    given = [f"--{k.replace('_', '-')}" if k != "checkpoints" else "CKPT" for k in FLAG_ONLY if getattr(args, k)]
+    if given:
+        raise RecmergeError(f"--config replaces {', '.join(given)}: give the merge either as a config or as flags")
+    path = Path(args.config)
+    if path.suffix == ".safetensors":
+        merge = read_metadata(path).merge or {}
+        if "config" not in merge:
+            raise RecmergeError(f"{path}: records no merge config (not a merge, or merged before configs were "
+                                "recorded)")
+        doc = dict(merge["config"])
+    else:
+        doc = load_document(path.read_text(), str(path))
+    if args.data:
+        if doc.get("dataset") not in (None, args.data):
+            raise RecmergeError(f"--data {args.data} differs from the config's dataset {doc['dataset']}")
+        doc["dataset"] = args.data
+    return doc
+
+
 def run(args) -> int:
     from app.progress import progress_bars
+    from merging.config import parse_config
     from merging.merge import merge_checkpoints
     from models.errors import RecmergeError
 
-    options = parse_options(args.option)
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise RecmergeError(f"{out}: the merged checkpoint must end in .safetensors")
-    if args.fisher and args.fisher_setting:
-        raise RecmergeError("--fisher-setting applies only when the Fishers are estimated (no --fisher)")
     if args.finetune_epochs < 0:
         raise RecmergeError(f"--finetune-epochs must be >= 0 (got {args.finetune_epochs})")
-    needs_data = [why for cond, why in [(args.method == "greedy-soup", "greedy-soup"),
-                                        (args.method == "fisher" and not args.fisher, "fisher without --fisher"),
+    doc = _document_from_file(args) if args.config else _document_from_flags(args)
+    cfg = parse_config(doc, args.config or "merge", needs_files=True)
+    checkpoints = [m.model for m in cfg.models]
+    settings = cfg.fisher_settings()
+    needs_data = [why for cond, why in [(cfg.merge_method == "greedy-soup", "greedy-soup"),
+                                        (settings is not None, "fisher without Fisher files"),
                                         (args.finetune_epochs, "--finetune-epochs"), (args.evaluate, "--evaluate")]
                   if cond]
     ds = None
     if needs_data:
+        args.data = args.data or cfg.dataset
         ds = _load_dataset(args, needs_data[0])
-        _check_dataset(ds, args.checkpoints + ([args.base] if args.base else []))
+        _check_dataset(ds, checkpoints + ([cfg.base_model] if cfg.base_model else []))
 
     progress, close = progress_bars()
     try:
-        fishers = args.fisher
-        if args.method == "fisher" and not fishers:
+        fishers = cfg.fisher_files
+        if settings is not None:
             from merging.compat import check_compatible
-            from merging.merge import build_method
 
-            # Refuse bad options or checkpoints before spending time on Fishers.
-            build_method(args.method, len(args.checkpoints), options, args.weights)
-            check_compatible(args.checkpoints)
-            fishers = _estimate_fishers(args, ds)
+            check_compatible(checkpoints)  # refuse mismatched checkpoints before spending time on Fishers
+            origin = "defaults" if not cfg.fisher else (
+                "defaults, overridden by " + ("the config" if args.config else "--fisher-setting"))
+            fishers = _estimate_fishers(args, ds, checkpoints, settings, origin)
         score = None
-        if args.method == "greedy-soup":
+        if cfg.merge_method == "greedy-soup":
             from models.checkpoint import read_metadata
 
-            score = validation_score(ds, read_metadata(args.checkpoints[0]).backbone, args.device)
+            score = validation_score(ds, read_metadata(checkpoints[0]).backbone, args.device)
         merged = out.with_name(out.name.removesuffix(".safetensors") + ".raw.safetensors") \
             if args.finetune_epochs else out
-        res = merge_checkpoints(args.method, args.checkpoints, merged, weights=args.weights, options=options,
-                                base=args.base, fishers=fishers, score=score, progress=progress)
+        res = merge_checkpoints(cfg.merge_method, checkpoints, merged, weights=cfg.weights, options=cfg.parameters,
+                                base=cfg.base_model, fishers=fishers, score=score, progress=progress,
+                                config=cfg.record())
     finally:
         close()
     merge_meta = json.loads(res.metadata["merge"])
-    print(f"{res.path}: {args.method} merge of {len(args.checkpoints)} checkpoints, sha256 {res.sha256}, "
+    print(f"{res.path}: {cfg.merge_method} merge of {len(checkpoints)} checkpoints, sha256 {res.sha256}, "
           f"{res.bytes_read / 1e6:.1f} MB read in {res.seconds:.1f} s"
           + (f", output read back once to hash it ({res.output_reread / 1e6:.1f} MB)" if res.output_reread else ""))
     if res.stats.get("fallback_entries"):
         from merging.fallback import fallback_summary
         from models.checkpoint import read_metadata
 
-        b = read_metadata(args.checkpoints[0]).backbone
+        b = read_metadata(checkpoints[0]).backbone
         print(fallback_summary(res.stats["fallback"], res.stats["fallback_entries"],
                                float(merge_meta.get("options", {}).get("epsilon", 0.0)), b.n_items, b.kind))
     if "selection" in merge_meta:
         sel = merge_meta["selection"]
-        print("greedy-soup kept " + ", ".join(args.checkpoints[i] for i in sel["kept"]))
+        print("greedy-soup kept " + ", ".join(checkpoints[i] for i in sel["kept"]))
     if args.finetune_epochs:
         _finetune(args, ds, merged, out, merge_meta, res.sha256)
         print(f"{out}: fine-tuned {args.finetune_epochs} epoch(s) of {args.finetune_recipe} from {merged}")
+    scores = None
     if args.evaluate:
-        rows = [(Path(c).name, c) for c in args.checkpoints]
+        rows = [(Path(c).name, c) for c in checkpoints]
         if args.finetune_epochs:
             rows.append(("merged (raw)", str(merged)))
         rows.append(("merged", str(out)))
-        print(_metrics_table(args, ds, rows, {str(merged): res.sha256}))
+        scores, cache = _scores(args, ds, rows, {str(merged): res.sha256})
+        print(_metrics_table(scores, cache))
+    card = _write_card(out, checkpoints, cfg.base_model, scores)
+    print(f"{card}: model card")
     return 0

@@ -116,8 +116,9 @@ def test_greedy_soup_with_evaluation_prints_the_merge_beside_its_ingredients(pla
         assert sel["individual"][i] == pytest.approx(evaluate(model, ds, "valid", ("full",))["full"]["ndcg@10"])
     assert "greedy-soup kept" in stdout
     table = stdout[stdout.index("model "):].splitlines()
-    assert [line.split()[0] for line in table[1:-1]] == [c.name for c in ckpts] + ["merged"]
-    assert table[-1].startswith("(0 of 8 evaluations reused from ")
+    assert [line.split()[0] for line in table[1:5]] == [c.name for c in ckpts] + ["merged"]
+    assert table[5].startswith("(0 of 8 evaluations reused from ")
+    assert table[6] == f"{tmp_path / 'soup.md'}: model card"
     assert len(table[1].split()) == 6  # name + valid ndcg/hr + test ndcg/hr/mrr
 
 
@@ -150,7 +151,7 @@ def test_fisher_merge_estimates_missing_fishers_and_keeps_them(planted, capsys, 
     assert [f["sampling"] for f in merge["fishers"]] == ["target", "target"]
     assert [f["checkpoint_sha256"] for f in merge["fishers"]] == [file_sha256(c) for c in ckpts[:2]]
     again = merge_checkpoints("fisher", ckpts[:2], tmp_path / "again.safetensors", fishers=fishers,
-                              options={"normalize": True})
+                              options={"normalize": True}, config=merge["config"])
     assert again.sha256 == file_sha256(out)
 
 
