@@ -16,10 +16,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api import aliases, datasets, events, health, models, recipes, recommend
 from app.api import jobs as jobs_api
+from app.api.access import AuthFirst
+from app.api.deps import DOORS
 from app.db import make_engine, make_sessionmaker
 from app.metrics import Metrics, MetricsMiddleware
 from app.migrate import upgrade
 from app.services.errors import ServiceError
+from app.services.uploads import sweep_uploads
 from app.serving import Recommender
 from app.settings import Settings, get_settings
 from app.store import store_from_settings
@@ -72,6 +75,7 @@ def create_app(settings: Settings | None = None, *, jobs: bool = True) -> FastAP
     """`jobs=False` builds the API without the job runner and sweeper (API-only tests)."""
     settings = settings or get_settings()
     settings.tmp_dir.mkdir(parents=True, exist_ok=True)
+    sweep_uploads(settings.tmp_dir)  # scratch of uploads whose process died mid-request
     if settings.embedded:
         upgrade(settings.DATABASE_URL)
     engine = make_engine(settings.DATABASE_URL)
@@ -114,5 +118,6 @@ def create_app(settings: Settings | None = None, *, jobs: bool = True) -> FastAP
         return JSONResponse({"detail": str(exc)}, status_code=422)
 
     app.add_middleware(BodyLimit, limit=settings.MAX_UPLOAD_BYTES)
+    app.add_middleware(AuthFirst, settings=settings, routes=app.router.routes, doors_by_dependency=DOORS)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

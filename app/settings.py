@@ -24,6 +24,10 @@ class Settings(BaseSettings):
     STORE_URL: str = ""  # "" = file://DATA_DIR/store; or s3://bucket/prefix
     S3_ENDPOINT_URL: str | None = None  # e.g. a MinIO or moto server; credentials come from AWS_* variables
     API_TOKEN: str | None = None  # None = no auth on write calls
+    # Reads (listings, model files, job status, metrics) are open unless READ_TOKEN is set; recommendations
+    # are open unless RECOMMEND_TOKEN is set. A stronger token opens the weaker doors: API > READ > RECOMMEND.
+    READ_TOKEN: str | None = None
+    RECOMMEND_TOKEN: str | None = None
     MAX_UPLOAD_BYTES: int = 2 * 1024**3
     MODEL_CACHE_SIZE: int = 4
     DEVICE: str = "auto"  # auto | cpu | cuda | cuda:N

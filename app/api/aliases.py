@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
-from app.api.deps import RecommenderDep, SessionDep, WriteAccess
+from app.api.deps import ReadAccess, RecommenderDep, SessionDep, WriteAccess
 from app.schemas import ALIAS_PATTERN, AliasPublic, AliasSet
 from app.services import models
 
@@ -20,11 +20,11 @@ def set_alias(name: NamePath, body: AliasSet, session: SessionDep, recommender: 
     return alias
 
 
-@router.get("", response_model=list[AliasPublic])
+@router.get("", dependencies=[ReadAccess], response_model=list[AliasPublic])
 def list_aliases(session: SessionDep):
     return models.list_aliases(session)
 
 
-@router.get("/{name}", response_model=AliasPublic)
+@router.get("/{name}", dependencies=[ReadAccess], response_model=AliasPublic)
 def get_alias(name: NamePath, session: SessionDep):
     return models.get_alias(session, name)

@@ -6,7 +6,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from app.api.deps import SessionDep, SettingsDep, StoreDep, WriteAccess
+from app.api.deps import ReadAccess, SessionDep, SettingsDep, StoreDep, WriteAccess
 from app.schemas import DatasetCreate, DatasetPublic, DatasetUpload
 from app.services import datasets
 from app.services.errors import Unprocessable
@@ -45,6 +45,10 @@ async def create_dataset(request: Request, response: Response, session: SessionD
             file = form.get("file")
             if not isinstance(file, UploadFile):
                 raise Unprocessable("file: a multipart upload needs the interactions file in a 'file' part")
+            unknown = [k for k in form.keys() if k != "file" and k not in DatasetUpload.model_fields]
+            if unknown:  # refused as an unknown JSON field is, rather than silently dropped
+                raise RequestValidationError([{"type": "extra_forbidden", "loc": ("body", k), "input": None,
+                                               "msg": "Extra inputs are not permitted"} for k in unknown])
             fields = _validated(DatasetUpload, {k: v for k, v in form.multi_items() if isinstance(v, str)})
 
             def prepare():
@@ -66,11 +70,11 @@ async def create_dataset(request: Request, response: Response, session: SessionD
     return row
 
 
-@router.get("", response_model=list[DatasetPublic])
+@router.get("", dependencies=[ReadAccess], response_model=list[DatasetPublic])
 def list_datasets(session: SessionDep):
     return datasets.list_datasets(session)
 
 
-@router.get("/{dataset_id}", response_model=DatasetPublic)
+@router.get("/{dataset_id}", dependencies=[ReadAccess], response_model=DatasetPublic)
 def get_dataset(dataset_id: str, session: SessionDep):
     return datasets.get_dataset(session, dataset_id)

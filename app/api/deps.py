@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -10,6 +9,7 @@ from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from app.api import access
 from app.serving import Recommender
 from app.settings import Settings
 from app.store import Store
@@ -37,19 +37,34 @@ SessionDep = Annotated[Session, Depends(get_session)]
 StoreDep = Annotated[Store, Depends(get_store)]
 RecommenderDep = Annotated[Recommender, Depends(get_recommender)]
 
-_bearer = HTTPBearer(auto_error=False, description="RECMERGE_API_TOKEN, required on write calls when set")
+_bearer = HTTPBearer(auto_error=False, description="RECMERGE_API_TOKEN on write calls; RECMERGE_READ_TOKEN "
+                     "(or the API token) on reads and RECMERGE_RECOMMEND_TOKEN (or either other) on "
+                     "recommendations, each only when set")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]
 
 
-def require_token(settings: SettingsDep,
-                  credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)]) -> None:
+def _door(settings: Settings, credentials: HTTPAuthorizationCredentials | None, door: str) -> None:
+    header = None if credentials is None else f"{credentials.scheme} {credentials.credentials}"
+    why = access.refusal(settings, door, header)
+    if why is not None:
+        raise HTTPException(401, why, headers={"WWW-Authenticate": "Bearer"})
+
+
+async def require_token(settings: SettingsDep, credentials: Credentials) -> None:
     """Write calls carry `Authorization: Bearer <RECMERGE_API_TOKEN>` when the server has a token."""
-    if settings.API_TOKEN is None:
-        return
-    if credentials is None:
-        raise HTTPException(401, "this call writes: send 'Authorization: Bearer <token>' (RECMERGE_API_TOKEN)",
-                            headers={"WWW-Authenticate": "Bearer"})
-    if not secrets.compare_digest(credentials.credentials.encode(), settings.API_TOKEN.encode()):
-        raise HTTPException(401, "wrong API token", headers={"WWW-Authenticate": "Bearer"})
+    _door(settings, credentials, access.WRITE)
+
+
+async def require_read_token(settings: SettingsDep, credentials: Credentials) -> None:
+    _door(settings, credentials, access.READ)
+
+
+async def require_recommend_token(settings: SettingsDep, credentials: Credentials) -> None:
+    _door(settings, credentials, access.RECOMMEND)
 
 
 WriteAccess = Depends(require_token)
+ReadAccess = Depends(require_read_token)
+RecommendAccess = Depends(require_recommend_token)
+# For app.api.access.AuthFirst, which checks the same doors before a body is read.
+DOORS = {require_token: access.WRITE, require_read_token: access.READ, require_recommend_token: access.RECOMMEND}

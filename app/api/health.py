@@ -4,7 +4,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from app.api.deps import SessionDep, StoreDep
+from app.api.deps import ReadAccess, SessionDep, StoreDep
 from app.schemas import Health, Ready
 
 router = APIRouter(tags=["health"])
@@ -24,7 +24,7 @@ def readyz(session: SessionDep, store: StoreDep):
     return Ready(status="ok", database="ok", store="ok")
 
 
-@router.get("/metrics", response_class=Response,
+@router.get("/metrics", dependencies=[ReadAccess], response_class=Response,
             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
 async def metrics(request: Request):
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Request
 from sqlalchemy.exc import IntegrityError
 
-from app.api.deps import SessionDep, StoreDep, WriteAccess
+from app.api.deps import ReadAccess, SessionDep, StoreDep, WriteAccess
 from app.job_schemas import JobPublic, MergeJobCreate, MergeJobPublic, TrainJobCreate
 from app.services import jobs
 from workers.runner import Background
@@ -47,7 +47,7 @@ def create_train_job(body: TrainJobCreate, session: SessionDep, bg: BackgroundDe
     return jobs.job_public(_queue(session, bg, jobs.submit_train, body, idempotency_key))
 
 
-@router.get("/jobs/{job_id}", response_model=JobPublic)
+@router.get("/jobs/{job_id}", dependencies=[ReadAccess], response_model=JobPublic)
 def get_job(job_id: str, session: SessionDep):
     return jobs.job_public(jobs.get_job(session, job_id))
 
@@ -61,7 +61,7 @@ def create_merge_job(body: MergeJobCreate, session: SessionDep, store: StoreDep,
     return jobs.merge_job_public(session, job)
 
 
-@router.get("/merge-jobs/{job_id}", response_model=MergeJobPublic)
+@router.get("/merge-jobs/{job_id}", dependencies=[ReadAccess], response_model=MergeJobPublic)
 def get_merge_job(job_id: str, session: SessionDep):
     return jobs.merge_job_public(session, jobs.get_job(session, job_id, "merge"))
 

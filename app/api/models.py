@@ -5,7 +5,7 @@ from typing import Literal
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from app.api.deps import SessionDep, StoreDep
+from app.api.deps import ReadAccess, SessionDep, StoreDep
 from app.schemas import ModelPublic
 from app.services import models
 from app.services.uploads import safe_filename
@@ -13,17 +13,17 @@ from app.services.uploads import safe_filename
 router = APIRouter(prefix="/models", tags=["models"])
 
 
-@router.get("", response_model=list[ModelPublic])
+@router.get("", dependencies=[ReadAccess], response_model=list[ModelPublic])
 def list_models(session: SessionDep, kind: Literal["recipe", "merged"] | None = None, dataset_id: str | None = None):
     return models.list_models(session, kind=kind, dataset_id=dataset_id)
 
 
-@router.get("/{model_id}", response_model=ModelPublic)
+@router.get("/{model_id}", dependencies=[ReadAccess], response_model=ModelPublic)
 def get_model(model_id: str, session: SessionDep):
     return models.get_model(session, model_id)
 
 
-@router.get("/{model_id}/file", response_class=FileResponse,
+@router.get("/{model_id}/file", dependencies=[ReadAccess], response_class=FileResponse,
             responses={200: {"content": {"application/octet-stream": {}}, "description": "the safetensors file"}})
 def get_model_file(model_id: str, session: SessionDep, store: StoreDep):
     m = models.get_model(session, model_id)

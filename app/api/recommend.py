@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query
 
-from app.api.deps import RecommenderDep
+from app.api.deps import RecommendAccess, RecommenderDep
 from app.schemas import Recommendation, VisitorRecommend
 from app.serving import Ranked, Served
 
@@ -18,7 +18,7 @@ def _public(s: Served, user: str | None, ranked: Ranked) -> dict:
     return {"model_id": s.id, "user": user, "items": items}
 
 
-@router.get("/recommend/{user}", response_model=Recommendation)
+@router.get("/recommend/{user}", dependencies=[RecommendAccess], response_model=Recommendation)
 async def recommend_user(
     user: Annotated[str, Path(max_length=200, description="original user id in the model's dataset")],
     recommender: RecommenderDep,
@@ -31,7 +31,7 @@ async def recommend_user(
     return _public(s, user, ranked)
 
 
-@router.post("/recommend", response_model=Recommendation)
+@router.post("/recommend", dependencies=[RecommendAccess], response_model=Recommendation)
 async def recommend_visitor(body: VisitorRecommend, recommender: RecommenderDep):
     """Top-k for a visitor without an account, from the item history sent along."""
     s, ranked = await recommender.for_visitor(body.model, body.items, body.k)
