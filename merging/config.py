@@ -171,3 +171,12 @@ def parse_config(doc: dict, source: str = "merge config", needs_files: bool = Fa
         raise ConfigError(errors, source)
     return cfg
 
+
+
+def record_of(method: str, models: list[str], weights: list[float] | None, options: dict, base: str | None,
+              fisher: dict | None, dataset: str | None = None) -> dict:
+    """The canonical config of a merge described by its parts (a job's request, say)."""
+    doc = {"merge_method": method, "base_model": base, "parameters": options, "fisher": fisher, "dataset": dataset,
+           "models": [{"model": m, "parameters": {} if weights is None else {"weight": w}}
+                      for m, w in zip(models, weights or [None] * len(models))]}
+    return parse_config(doc).record()

@@ -184,6 +184,7 @@ def evaluate(a: Attempt) -> Record:
 
 # merge -----------------------------------------------------------------------------------------------
 def merge(a: Attempt) -> Record:
+    from merging.config import record_of
     from merging.fisher import cache_key
     from merging.merge import merge_checkpoints
     from models.checkpoint import load_model
@@ -210,10 +211,13 @@ def merge(a: Attempt) -> Record:
         from app.commands.merge import validation_score
 
         score = validation_score(ds, read_metadata(paths[0]).backbone, a.res.device)
+    config = record_of(spec.method, spec.model_ids, spec.weights, spec.options, spec.base_model_id,
+                       spec.fisher.model_dump() if spec.fisher is not None else None)
     merged = merge_checkpoints(spec.method, list(paths), out, weights=spec.weights, options=spec.options,
                                base=base, fishers=fishers, score=score, progress=a.scaled(0.0, 1 / steps),
                                # the store names files by their sha256: the merge checks them as it reads
-                               sha256s=[r.sha256 for r in rows] + ([base_row.sha256] if base_row else []))
+                               sha256s=[r.sha256 for r in rows] + ([base_row.sha256] if base_row else []),
+                               config=config)
     if spec.finetune_epochs:
         out = finetune(a, ds, merged, spec.finetune_epochs, progress=a.scaled(1 / steps, 2 / steps, "finetune "))
     metrics = None

@@ -3,11 +3,11 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, PlainTextResponse
 
 from app.api.deps import ReadAccess, SessionDep, StoreDep
 from app.schemas import ModelPublic
-from app.services import models
+from app.services import cards, models
 from app.services.uploads import safe_filename
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -29,3 +29,10 @@ def get_model_file(model_id: str, session: SessionDep, store: StoreDep):
     m = models.get_model(session, model_id)
     return FileResponse(store.path_for(m.sha256), media_type="application/octet-stream",
                         filename=f"{safe_filename(m.name, 'model')}.safetensors")
+
+
+@router.get("/{model_id}/card", response_class=PlainTextResponse,
+            responses={200: {"content": {"text/markdown": {}}, "description": "the model card (Markdown)"}})
+def get_model_card(model_id: str, session: SessionDep, store: StoreDep):
+    """What the model is, its lineage, options, metrics beside its ingredients', and how to make it again."""
+    return PlainTextResponse(cards.model_card(session, store, model_id), media_type="text/markdown; charset=utf-8")
