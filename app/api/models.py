@@ -31,7 +31,7 @@ def get_model_file(model_id: str, session: SessionDep, store: StoreDep):
                         filename=f"{safe_filename(m.name, 'model')}.safetensors")
 
 
-@router.get("/{model_id}/card", response_class=PlainTextResponse,
+@router.get("/{model_id}/card", dependencies=[ReadAccess], response_class=PlainTextResponse,
             responses={200: {"content": {"text/markdown": {}}, "description": "the model card (Markdown)"}})
 def get_model_card(model_id: str, session: SessionDep, store: StoreDep):
     """What the model is, its lineage, options, metrics beside its ingredients', and how to make it again."""
