@@ -51,7 +51,22 @@ def _check_file(path: Path) -> None:
         raise DataError(f"{path}: is a directory, expected an interactions file")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
+    with open(path, "rb") as f:
+        head = f.read(64 * 1024)
+    if _BINARY.search(head):  # its bytes would otherwise reach messages as "column names"
+        raise DataError(f"{path}: not a text file (control bytes in its first {len(head)} bytes); "
+                        "expected interactions as text")
     _first_line(path)  # only blank lines counts as empty too
+
+
+# Control characters no interactions text holds (tab, newlines and form feed are allowed).
+_BINARY = re.compile(rb"[\x00-\x08\x0b\x0e-\x1f\x7f]")
+
+
+def _columns(header: list[str]) -> str:
+    """Column names as a message shows them: a few, each clipped."""
+    shown = ", ".join(h[:40] for h in header[:20])
+    return shown + (f", … ({len(header)} columns)" if len(header) > 20 else "")
 
 
 def _first_line(path: Path) -> str:
@@ -108,12 +123,12 @@ def _pick(header: list[str], wanted: str | None, candidates: tuple[str, ...], ro
         normed = [_norm(h) for h in header]
         if _norm(wanted) in normed:
             return normed.index(_norm(wanted))
-        raise DataError(f"{path}: no column {wanted!r} (columns: {', '.join(header)})")
+        raise DataError(f"{path}: no column {wanted!r} (columns: {_columns(header)})")
     normed = [_norm(h) for h in header]
     for c in candidates:
         if c in normed:
             return normed.index(c)
-    raise DataError(f"{path}: no {role} column among {', '.join(header)} (expected one of "
+    raise DataError(f"{path}: no {role} column among {_columns(header)} (expected one of "
                     f"{', '.join(candidates)}; or pass {option})")
 
 

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from app.settings import Settings
 from models.errors import RecmergeError
 from workers import jobs
+from workers.public_errors import public_error
 from workers.resources import Resources
 
 log = logging.getLogger("recmerge.jobs")
@@ -138,6 +139,8 @@ def execute(job_id: str, res: Resources, bodies: dict[str, Callable[[Attempt], R
         text = str(e) if user_error else f"{type(e).__name__}: {e}"
         if not user_error:
             log.exception("job %s attempt %d crashed", job_id, claim.attempt)
+        # The log keeps the paths; the job row, which clients read, names inputs instead.
+        text = public_error(text, [*res.labels.items(), (str(workdir), "the job's scratch")], res.server_roots())
         with res.session() as s, s.begin():
             status = jobs.fail(s, claim, text, retry=not user_error, max_attempts=res.settings.MAX_ATTEMPTS)
     finally:

@@ -17,6 +17,7 @@ from app.settings import Settings, get_settings
 from app.store import store_from_settings
 from models.errors import CheckpointError, DataError
 from workers import jobs
+from workers.public_errors import PathLabels
 
 log = logging.getLogger("recmerge.jobs")
 
@@ -38,6 +39,12 @@ class Resources:
         self.session = make_sessionmaker(self.engine)
         self.store = store_from_settings(settings)
         self.dispatcher = dispatcher
+        self.labels = PathLabels()  # store paths handed to job bodies, named for their errors
+
+    def server_roots(self) -> list:
+        """Where server paths start: a job error must show none of them."""
+        return [self.settings.DATA_DIR, getattr(self.store, "root", ""), self.settings.tmp_dir,
+                self.settings.cache_dir]
 
     @property
     def device(self) -> str | None:
@@ -77,6 +84,7 @@ class Resources:
             path = self.store.get_dir(row.fingerprint)
         except KeyError:
             raise DataError(f"dataset {dataset_id}: its prepared files are missing from the store") from None
+        self.labels.add(path, f"dataset {dataset_id}")
         return row, PreparedDataset.load(path)
 
     def model(self, model_id: str) -> tuple[Model, Path]:
@@ -85,9 +93,11 @@ class Resources:
         if row is None:
             raise CheckpointError(f"model {model_id}: no such model")
         try:
-            return row, self.store.path_for(row.sha256)
+            path = self.store.path_for(row.sha256)
         except KeyError:
             raise CheckpointError(f"model {model_id}: its file is missing from the store") from None
+        self.labels.add(path, f"model {row.id} ({row.name})")
+        return row, path
 
 
 _per_process: dict[int, Resources] = {}

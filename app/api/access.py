@@ -67,6 +67,21 @@ def route_door(route, doors_by_dependency: dict) -> str | None:
     return None
 
 
+def flat_routes(routes) -> list:
+    """The routes in routing order, with included routers opened up (newer FastAPI keeps an included
+    router as one entry). An include prefix would make its routes' own patterns wrong here: refused."""
+    out = []
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is None:
+            out.append(route)
+            continue
+        if getattr(getattr(route, "include_context", None), "prefix", ""):
+            raise RuntimeError("AuthFirst: routers are included without a prefix (give it to the APIRouter)")
+        out.extend(flat_routes(inner.routes))
+    return out
+
+
 class AuthFirst:
     """Refuses a request that lacks its route's token with 401 before the body is read. Routes are matched
     in the router's own order, so the route checked is the route that would run."""
@@ -74,7 +89,7 @@ class AuthFirst:
     def __init__(self, app: ASGIApp, settings: Settings, routes: list, doors_by_dependency: dict):
         self.app = app
         self.settings = settings
-        self.routes = [(r, route_door(r, doors_by_dependency)) for r in routes]
+        self.routes = [(r, route_door(r, doors_by_dependency)) for r in flat_routes(routes)]
         self.active = any(door and accepted_tokens(settings, door) is not None for _, door in self.routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

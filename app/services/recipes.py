@@ -51,7 +51,7 @@ def check_recipe_agrees(form: dict, header: dict, filename: str) -> None:
         header = normalized_recipe(header, filename)
     except Unprocessable:
         pass  # a recipe this registry does not know (a merge's, an older version's): compared as written
-    for key in sorted(set(form) | set(header)):
+    for key in ["name", *sorted((set(form) | set(header)) - {"name"})]:
         if form.get(key) != header.get(key):
             raise Unprocessable(f"recipe: {key}={json.dumps(form.get(key))[:60]} in the form, but {filename}'s "
                                 f"header says {json.dumps(header.get(key))[:60]}")
