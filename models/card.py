@@ -70,7 +70,7 @@ def render_card(c: CardInput) -> str:
            f"{meta.n_items:,} items.", "",
            "## What it is", "",
            f"- file: sha256 `{c.sha256}`, {c.size / 1e6:.2f} MB (safetensors)",
-           f"- backbone: {b.kind}, hidden {b.hidden}, {b.layers} layers, {b.heads} heads, inner {b.inner}, "
+           f"- backbone: {b.kind}, hidden {b.hidden}, layers {b.layers}, heads {b.heads}, inner {b.inner}, "
            f"max_len {b.max_len}, dropout {b.dropout}",
            f"- recipe: {_recipe_line(meta.recipe)}",
            f"- dataset fingerprint: `{meta.dataset_fingerprint}`",
