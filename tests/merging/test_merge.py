@@ -105,6 +105,31 @@ def test_output_opens_everywhere_and_records_its_provenance(world):
         assert norm == pytest.approx(exact, rel=1e-9)
 
 
+@pytest.mark.parametrize("chunk_bytes", [32 << 20, 100])
+def test_the_fallback_stat_names_the_rows_the_streamed_merge_fell_back_on(world, chunk_bytes):
+    # Rows 0 and 7 of the item table and one output bias entry carry no Fisher mass in any ingredient;
+    # read in blocks of a few rows, the stat must still give the rows' places in the whole tensor.
+    fishers = []
+    for i, c in enumerate(world["ckpts"]):
+        f = _fisher_dict(world["fishers"][i])
+        f["item_emb.weight"][[0, 7]] = 0
+        f["out_bias"][4] = 0
+        fishers.append(world["src"] / f"z{i}.safetensors")
+        make_fisher(fishers[-1], c, seed=i, fisher=f)
+    out = world["out"] / "m.safetensors"
+    res = merge_checkpoints("fisher", world["ckpts"], out, fishers=fishers, chunk_bytes=chunk_bytes)
+    hidden = CFG.hidden
+    assert res.stats == {"fallback_entries": 2 * hidden + 1,
+                         "fallback": {"item_emb.weight": {"entries": 2 * hidden, "zero": 2 * hidden,
+                                                          "rows": {0: hidden, 7: hidden}},
+                                      "out_bias": {"entries": 1, "zero": 1, "rows": {}}}}
+    got, _ = load_checkpoint(out)
+    states = [load_checkpoint(c)[0] for c in world["ckpts"]]
+    # there the merge is the plain average
+    assert torch.allclose(got["item_emb.weight"][7], sum(s["item_emb.weight"][7] for s in states) / 3)
+    assert torch.allclose(got["out_bias"][4], sum(s["out_bias"][4] for s in states) / 3)
+
+
 def test_task_vector_merge_records_the_base_and_differing_recipes(world, tmp_path):
     other = world["src"] / "cl.safetensors"
     make_checkpoint(other, seed=7, recipe={"name": "cl4srec", "lambda": 0.1})
