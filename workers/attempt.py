@@ -121,11 +121,15 @@ def execute(job_id: str, res: Resources, bodies: dict[str, Callable[[Attempt], R
     try:
         record = bodies[claim.kind](attempt)
         attempt.check()
+        # Records name store files only; the scratch goes before the row turns terminal, so whoever sees
+        # the job done (a client, a test, the next attempt's sweep) never finds its leftovers.
+        shutil.rmtree(workdir, ignore_errors=True)
         with res.session() as s, s.begin():
             jobs.succeed(s, claim, record(s))
         status = "succeeded"
     except jobs.JobStopped:
         status = None
+        shutil.rmtree(workdir, ignore_errors=True)
         if interrupt is not None and interrupt.is_set() and not attempt.stopped.is_set():
             # Shutting down, not cancelled: hand the job back so the next process starts it at once.
             with res.session() as s, s.begin():
@@ -141,12 +145,13 @@ def execute(job_id: str, res: Resources, bodies: dict[str, Callable[[Attempt], R
             log.exception("job %s attempt %d crashed", job_id, claim.attempt)
         # The log keeps the paths; the job row, which clients read, names inputs instead.
         text = public_error(text, [*res.labels.items(), (str(workdir), "the job's scratch")], res.server_roots())
+        shutil.rmtree(workdir, ignore_errors=True)
         with res.session() as s, s.begin():
             status = jobs.fail(s, claim, text, retry=not user_error, max_attempts=res.settings.MAX_ATTEMPTS)
     finally:
         beat.done.set()
         beat.join()
-        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)  # again for what escaped the branches above (interrupts)
     if status == "queued":
         res.dispatch(job_id, claim.kind)
     if status in jobs.TERMINAL:

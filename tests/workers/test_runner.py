@@ -219,3 +219,35 @@ def test_fisher_merge_fans_out_and_a_lost_fisher_file_is_computed_again(bg, data
     assert done.result["model_id"] == wait(bg.res, first.id).result["model_id"]
     with bg.res.session() as s:
         assert all(bg.res.store.exists(f.sha256) for f in s.scalars(select(Fisher)))
+
+
+
+@pytest.mark.parametrize("ends", ["succeeded", "failed"])
+def test_the_scratch_is_gone_before_the_job_is_seen_to_end(bg, ends, monkeypatch):
+    from workers import attempt
+
+    seen = {}
+    real_fail = jobs.fail
+
+    def fail(s, claim, text, **kw):  # the transaction that makes the failure visible
+        seen["scratch_at_end"] = seen["workdir"].exists()
+        return real_fail(s, claim, text, **kw)
+
+    monkeypatch.setattr(jobs, "fail", fail)
+
+    def body(a):
+        (a.workdir / "part.bin").write_bytes(b"x" * 1000)
+        seen["workdir"] = a.workdir
+        if ends == "failed":
+            raise RecmergeError("bad input")
+
+        def record(s):  # runs in the transaction that marks the job succeeded
+            seen["scratch_at_end"] = a.workdir.exists()
+            return {}
+
+        return record
+
+    with bg.res.session() as s, s.begin():
+        jid = jobs.create(s, "evaluate", {}).id
+    assert attempt.execute(jid, bg.res, {"evaluate": body}) == ends
+    assert seen["scratch_at_end"] is False and not seen["workdir"].exists()
