@@ -26,6 +26,7 @@ from app.services.uploads import sweep_uploads
 from app.serving import Recommender
 from app.settings import Settings, get_settings
 from app.store import store_from_settings
+from app.ui import routes as ui
 from models.errors import RecmergeError
 
 
@@ -108,6 +109,7 @@ def create_app(settings: Settings | None = None, *, jobs: bool = True) -> FastAP
 
     for module in (datasets, recipes, models, aliases, recommend, events, jobs_api, health):
         app.include_router(module.router)
+    ui.mount(app)  # the dashboard: pages, their parts (behind the read door) and static files
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError):
