@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.config import BackboneConfig
+from models.item_ce import item_cross_entropy
 
 
 class SelfAttention(nn.Module):
@@ -43,25 +44,42 @@ class FeedForward(nn.Module):
         self.fc1 = nn.Linear(cfg.hidden, cfg.inner)
         self.fc2 = nn.Linear(cfg.inner, cfg.hidden)
 
+        self.act = F.relu if cfg.activation == "relu" else F.gelu
+
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):
-    """Post-LayerNorm block, as in BERT and BERT4Rec."""
+    """Post-LayerNorm (as in BERT and BERT4Rec) or pre-LayerNorm (LN before each sub-layer, the residual
+    stream left unnormalised; trains faster and more stably at these sizes) — the same tensors either way.
+
+    Split in two so the packed inference path (models/packed.py) can run attention its own way:
+    `attn_input` is what the attention's qkv sees, `finish` adds the attention output back and applies
+    the feed-forward."""
 
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
+        self.pre = cfg.norm == "pre"
         self.attn = SelfAttention(cfg)
         self.ln1 = nn.LayerNorm(cfg.hidden)
         self.ffn = FeedForward(cfg)
         self.ln2 = nn.LayerNorm(cfg.hidden)
         self.drop = nn.Dropout(cfg.dropout)
 
+    def attn_input(self, x):
+        return self.ln1(x) if self.pre else x
+
+    def finish(self, x, a):  # x: the stream at the query rows, a: the attention output there
+        if self.pre:
+            h = x + self.drop(a)
+            return h + self.drop(self.ffn(self.ln2(h)))
+        h = self.ln1(x + self.drop(a))
+        return self.ln2(h + self.drop(self.ffn(h)))
+
     def forward(self, x, mask, last_only=False):
-        a = self.attn(x, mask, last_only)
-        x = self.ln1((x[:, -1:] if last_only else x) + self.drop(a))
-        return self.ln2(x + self.drop(self.ffn(x)))
+        a = self.attn(self.attn_input(x), mask, last_only)
+        return self.finish(x[:, -1:] if last_only else x, a)
 
 
 class SeqRecModel(nn.Module):
@@ -74,8 +92,11 @@ class SeqRecModel(nn.Module):
         self.emb_ln = nn.LayerNorm(D)
         self.emb_drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
-        self.head = nn.Linear(D, D)
-        self.head_ln = nn.LayerNorm(D)
+        # Pre-LN leaves the stream unnormalised: one LayerNorm after the last block (no tensors in post).
+        self.final_ln = nn.LayerNorm(D) if cfg.norm == "pre" else nn.Identity()
+        if cfg.head:
+            self.head = nn.Linear(D, D)
+            self.head_ln = nn.LayerNorm(D)
         self.out_bias = nn.Parameter(torch.zeros(cfg.n_items))  # column c scores item c+1
         self.reset_parameters()
 
@@ -118,16 +139,19 @@ class SeqRecModel(nn.Module):
         mask = self.attention_mask(tokens)
         for i, block in enumerate(self.blocks):
             x = block(x, mask, last_only and i == len(self.blocks) - 1)
-        return x
+        return self.final_ln(x)
 
-    def project(self, h):  # (..., D) -> (..., D): the output head before the tied item table
-        return self.head_ln(F.gelu(self.head(h)))
+    def project(self, h):  # (..., D) -> (..., D): the output head (if any) before the tied item table
+        return self.head_ln(F.gelu(self.head(h))) if self.cfg.head else h
 
     def item_logits(self, z):  # (..., D) -> (..., n_items)
         return z @ self.item_emb.weight[1 : self.cfg.n_items + 1].T + self.out_bias
 
     def logits(self, h):
         return self.item_logits(self.project(h))
+
+    def item_loss(self, z, labels):  # (M, D) projected states, (M,) columns -> mean full-softmax CE
+        return item_cross_entropy(z, self.item_emb.weight[1 : self.cfg.n_items + 1], self.out_bias, labels)
 
     def inference_tokens(self, history):
         """(B, T) left-padded histories -> the tokens whose last position predicts the next item."""

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, fields
 from models.errors import CheckpointError
 
 BACKBONES = ("bert4rec", "sasrec")
+NORMS = ("post", "pre")
+ACTIVATIONS = ("gelu", "relu")
 
 
 @dataclass(frozen=True)
@@ -20,12 +22,24 @@ class BackboneConfig:
     inner: int = 256
     dropout: float = 0.2
     max_len: int = 200
+    # The defaults below are the first design (BERT-style post-LayerNorm blocks, a projection head
+    # before the tied item table), so checkpoints written before these fields existed read as they were
+    # trained. `recmerge train` ships the faster-learning design: pre-LayerNorm, no head, ReLU.
+    norm: str = "post"  # post: LN after each residual sum | pre: LN before each sub-layer, one final LN
+    head: bool = True  # a Linear+GELU+LN projection between the last block and the tied item table
+    activation: str = "gelu"  # of the feed-forward
 
     def __post_init__(self):
         if self.kind not in BACKBONES:
             raise ValueError(f"unknown backbone {self.kind!r}; known: {', '.join(BACKBONES)}")
         if self.n_items < 1:
             raise ValueError("n_items must be >= 1")
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; known: {', '.join(NORMS)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; known: {', '.join(ACTIVATIONS)}")
+        if not isinstance(self.head, bool):
+            raise ValueError(f"head must be true or false (got {self.head!r})")
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
         if self.max_len < 2:

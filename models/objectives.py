@@ -6,6 +6,7 @@ next-item, never over padding.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,10 +50,29 @@ def causal_batch(samples: list[np.ndarray], max_len: int) -> MaskedBatch:
     return MaskedBatch(inputs, has_label.nonzero(), targets[has_label] - 1)
 
 
-def masked_ce(model: SeqRecModel, batch: MaskedBatch, h: torch.Tensor | None = None):
-    """Cross-entropy over all items at the loss positions; returns (loss, hidden states)."""
+def masked_ce(model: SeqRecModel, batch: MaskedBatch, h: torch.Tensor | None = None,
+              negatives: int | None = None):
+    """Cross-entropy at the loss positions, over all items (negatives=None) or sampled; returns
+    (loss, hidden states)."""
     if h is None:
         h = model.encode(batch.tokens)  # (B, T, D)
     rows, cols = batch.positions.unbind(1)
-    logits = model.logits(h[rows, cols])  # (M, n_items)
-    return F.cross_entropy(logits, batch.labels), h
+    z = model.project(h[rows, cols])
+    if negatives is None or negatives >= model.cfg.n_items:
+        return model.item_loss(z, batch.labels), h
+    return sampled_ce(model, z, batch.labels, negatives), h
+
+
+def sampled_ce(model: SeqRecModel, z: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Sampled softmax: each position's true item against k items drawn uniformly for the whole batch
+    (one (M, k) product instead of (M, N)). The negatives' logits are raised by log(N/k), so the sampled
+    partition estimates the full one (the log-Q correction; uniform q makes it one constant), and a
+    negative that is the position's own target is removed."""
+    n = model.cfg.n_items
+    table = model.item_emb.weight[1 : n + 1]
+    neg = torch.randint(0, n, (k,), device=z.device)
+    pos_logit = (z * table[labels]).sum(1) + model.out_bias[labels]
+    neg_logits = torch.addmm(model.out_bias[neg], z, table[neg].T) + math.log(n / k)
+    neg_logits = neg_logits.masked_fill(labels[:, None] == neg[None, :], float("-inf"))
+    logits = torch.cat([pos_logit[:, None], neg_logits], dim=1)
+    return F.cross_entropy(logits, torch.zeros_like(labels))

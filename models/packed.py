@@ -89,7 +89,8 @@ def final_states(model, seqs: Sequence[torch.Tensor]) -> torch.Tensor:
     for b, block in enumerate(model.blocks):
         final = b == len(model.blocks) - 1
         attn = block.attn
-        qkv = attn.qkv(x)  # (N, 3D): every real token's keys and values are needed, even in the last block
+        # (N, 3D): every real token's keys and values are needed, even in the last block
+        qkv = attn.qkv(block.attn_input(x))
         outs = []
         for g, part in zip(groups, torch.split(qkv, sizes)):
             grid = qkv.new_zeros(g.n * g.width, 3 * D).index_copy_(0, g.flat, part).view(g.n, g.width, 3 * D)
@@ -103,10 +104,10 @@ def final_states(model, seqs: Sequence[torch.Tensor]) -> torch.Tensor:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(g.n * Tq, D)
             outs.append(y if final else y.index_select(0, g.flat))
         a = attn.proj(torch.cat(outs))
-        h = block.ln1((x.index_select(0, last) if final else x) + block.drop(a))
-        x = block.ln2(h + block.drop(block.ffn(h)))
+        x = block.finish(x.index_select(0, last) if final else x, a)
     if not len(model.blocks):
         x = x.index_select(0, last)
+    x = model.final_ln(x)
     out = torch.empty_like(x)
     out[torch.as_tensor(order, device=dev)] = x
     return out

@@ -13,6 +13,14 @@ from models.recipes import RECIPES
 _SCALARS = (bool, int, float, str)
 
 
+def _default_config():
+    from models.train import TrainConfig
+    return TrainConfig()
+
+
+_DEFAULTS = _default_config()
+
+
 def _option_fields() -> dict[str, tuple[type, str, set[str]]]:
     """Every option field of every recipe: name -> (type, help, recipes that accept it)."""
     fields: dict[str, tuple[type, str, set[str]]] = {}
@@ -45,19 +53,29 @@ def register(sub) -> None:
     p.add_argument("--recipe", default="bert4rec", help=f"one of: {', '.join(RECIPES)}")
     p.add_argument("--out", required=True, help="output checkpoint (.safetensors)")
     p.add_argument("--init", help="start from this checkpoint (fine-tune setting)")
-    p.add_argument("--backbone", default="bert4rec", choices=["bert4rec", "sasrec"])
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--max-len", type=int, default=200)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--inner", type=int, default=256)
-    p.add_argument("--dropout", type=float, default=0.2)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs (0 = off)")
-    p.add_argument("--max-minutes", type=float, help="stop after the epoch that crosses this budget")
+    p.add_argument("--backbone", choices=["bert4rec", "sasrec"],
+                   help="default: bert4rec, or the --init checkpoint's")
+    shape = p.add_argument_group("backbone shape (default: TrainConfig's, or the --init checkpoint's)")
+    for flag, typ in _SHAPE_FLAGS.items():
+        shape.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, default=None,
+                           help=f"default {getattr(_DEFAULTS, flag)}")
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=int, default=_DEFAULTS.epochs)
+    o.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size)
+    o.add_argument("--lr", type=float, default=_DEFAULTS.lr)
+    o.add_argument("--weight-decay", type=float, default=_DEFAULTS.weight_decay)
+    o.add_argument("--schedule", choices=["constant", "cosine"], default=_DEFAULTS.schedule,
+                   help="learning rate over the run (cosine runs over --max-minutes when that is set)")
+    o.add_argument("--warmup-steps", type=int, default=_DEFAULTS.warmup_steps)
+    o.add_argument("--final-lr-ratio", type=float, default=_DEFAULTS.final_lr_ratio)
+    o.add_argument("--patience", type=int, default=_DEFAULTS.patience,
+                   help="early stopping after this many evaluations without gain (0 = off)")
+    o.add_argument("--eval-every", type=int, default=_DEFAULTS.eval_every, help="validate every k epochs")
+    o.add_argument("--max-minutes", type=float,
+                   help="wall-clock budget: the schedule runs over it, the epoch that crosses it is the last")
+    o.add_argument("--resume", action="store_true",
+                   help="continue the run whose state (OUT.state.safetensors) sits beside --out")
+    o.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     g = p.add_argument_group("recipe options (each belongs to the recipes named in its help)")
@@ -78,16 +96,36 @@ def recipe_options_from_args(args) -> dict:
     return given
 
 
+_SHAPE_FLAGS = {"max_len": int, "hidden": int, "layers": int, "heads": int, "inner": int, "dropout": float,
+                "norm": str, "head": _parse_bool, "activation": str}
+
+
+def backbone_settings(args) -> dict:
+    """The backbone's shape: explicit flags win; with --init the rest comes from the checkpoint (so a
+    fine-tune never has to repeat the base's shape), otherwise from TrainConfig's defaults."""
+    from dataclasses import asdict
+
+    given = {k: getattr(args, k) for k in ("backbone", *_SHAPE_FLAGS) if getattr(args, k, None) is not None}
+    if args.init:
+        from models.checkpoint import read_metadata
+
+        base = asdict(read_metadata(args.init).backbone)
+        base["backbone"] = base.pop("kind")
+    else:
+        base = {k: getattr(_DEFAULTS, k) for k in ("backbone", *_SHAPE_FLAGS)}
+    return {k: given.get(k, base[k]) for k in ("backbone", *_SHAPE_FLAGS)}
+
+
 def run(args) -> int:
     from models.data import PreparedDataset
     from models.train import TrainConfig, train
 
-    cfg = TrainConfig(recipe=args.recipe, options=recipe_options_from_args(args), backbone=args.backbone,
-                      hidden=args.hidden, layers=args.layers, heads=args.heads, inner=args.inner,
-                      dropout=args.dropout, max_len=args.max_len, epochs=args.epochs,
-                      batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                      patience=args.patience, seed=args.seed, init=args.init, device=args.device,
-                      max_minutes=args.max_minutes)
+    cfg = TrainConfig(recipe=args.recipe, options=recipe_options_from_args(args), **backbone_settings(args),
+                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup_steps,
+                      final_lr_ratio=args.final_lr_ratio, patience=args.patience, eval_every=args.eval_every,
+                      seed=args.seed, init=args.init, device=args.device, threads=args.threads,
+                      max_minutes=args.max_minutes, resume=args.resume)
     ds = PreparedDataset.load(args.data)
     res = train(ds, cfg, args.out, show_bar=True)
     print(json.dumps({"checkpoint": str(res.checkpoint), "sha256": res.sha256, "best_epoch": res.best_epoch,

@@ -269,3 +269,9 @@ class ContrastiveRecipe(Recipe):
 
     def end_epoch(self) -> dict:
         return {**self.k_stat.end_epoch(), "similarity_histogram": self.hist.pop()}
+
+    def carry_state(self) -> dict:
+        return {"k_stat_previous": self.k_stat.previous}  # the next epoch's SimThres threshold
+
+    def restore_state(self, state: dict) -> None:
+        self.k_stat.previous = state.get("k_stat_previous")

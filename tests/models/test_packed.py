@@ -10,11 +10,19 @@ from models.config import BackboneConfig
 from models.packed import attention_groups, final_states
 from models.recommend import top_k
 
+# The first design (post-LN with a head) and the one `recmerge train` ships (pre-LN, no head, ReLU).
+DESIGNS = {"post": {}, "pre": {"norm": "pre", "head": False, "activation": "relu"}}
 
-def model(kind, layers=2):
+
+def model(kind, layers=2, design="post"):
     torch.manual_seed(0)
-    return SeqRecModel(BackboneConfig(n_items=40, kind=kind, hidden=16, layers=layers, heads=2, inner=32,
-                                      max_len=12)).eval()
+    m = SeqRecModel(BackboneConfig(n_items=40, kind=kind, hidden=16, layers=layers, heads=2, inner=32,
+                                   max_len=12, **DESIGNS[design])).eval()
+    with torch.no_grad():  # LayerNorm weights away from 1 and biases away from 0, so a skipped LN would show
+        for name, p in m.named_parameters():
+            if "ln" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    return m
 
 
 def histories(seed=0):
@@ -23,10 +31,11 @@ def histories(seed=0):
     return [rng.integers(1, 41, size=n) for n in (0, 1, 11, 12, 30, 4, 4, 7, 2, 9)]
 
 
+@pytest.mark.parametrize("design", ["post", "pre"])
 @pytest.mark.parametrize("kind", ["bert4rec", "sasrec"])
 @pytest.mark.parametrize("layers", [1, 2, 3])
-def test_packed_scores_equal_one_padded_row_at_a_time(kind, layers):
-    m = model(kind, layers)
+def test_packed_scores_equal_one_padded_row_at_a_time(kind, layers, design):
+    m = model(kind, layers, design)
     hs = histories()
     with torch.no_grad():
         # One row per call: no padding at all, the reference each sequence must reproduce.

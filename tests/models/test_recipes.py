@@ -17,7 +17,8 @@ from models.train import TrainConfig, train
 from tests.synthetic import make_planted_dataset
 
 CONTRASTIVE = ["cl4srec", "duorec-unsup", "duorec-sup", "duorec", "ehrec-stat", "ehrec-learn"]
-TINY = dict(hidden=32, layers=1, heads=1, inner=64, max_len=20, batch_size=32, dropout=0.1, lr=1e-2, patience=0)
+TINY = dict(hidden=32, layers=1, heads=1, inner=64, max_len=20, batch_size=32, dropout=0.1, lr=1e-2, patience=0,
+            schedule="constant", warmup_steps=0)  # runs of a few dozen steps: no warmup, no decay
 # bert4rec's cloze sees ~5x fewer labels per step than next-item training: it needs more epochs, and more
 # masking than the defaults, to learn the rule in seconds. Cosine similarity at τ=0.2 keeps the contrastive
 # term from dominating such a tiny model early on (dot at τ=1 slows it down there).

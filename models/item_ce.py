@@ -1,0 +1,77 @@
+"""Cross-entropy over every item, computed in row chunks that stay in cache.
+
+The plain way (`F.cross_entropy(z @ E.T + b, y)`) writes an (M, N) logit matrix to memory, then reads
+and writes it again for the log-softmax, its backward, the bias gradient and two gradient products:
+on ml-1m (M ~ 25,000 positions per batch, N = 3,416 items) that is ~350 MB per pass and the output
+layer took about two thirds of a training step on this 2-core CPU (torch.profiler: log-softmax and its
+backward 1.4 s, the three (M, N) products 2.2 s, fills and adds 1 s of a 6.5 s step). Here each chunk
+of rows is scored, normalised and turned into its gradients while its logits are still in cache, and
+the gradients are kept for the backward: the loss is exactly the same, its gradient exactly the same up
+to float summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Logit entries per chunk (64 MB): on ml-1m (3,416 items, 20,000 rows, 2 threads) a step took 2.2 s in
+# chunks of 4,096 rows, 2.5 s of 2,048, 2.9 s of 1,024 and 3.9 s unchunked — per-call overheads dominate
+# small chunks on this CPU; the cap keeps a chunk's memory bounded on larger catalogues.
+CHUNK_ENTRIES = 1 << 24
+
+
+class _ChunkedItemCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, table, bias, labels, chunk):
+        # z (M, D) outputs, table (N, D) item rows, bias (N,), labels (M,) columns in 0..N-1
+        M = z.shape[0]
+        need = ctx.needs_input_grad
+        dz = torch.empty_like(z) if need[0] else None
+        dtable = torch.zeros_like(table) if need[1] else None
+        dbias = torch.zeros_like(bias) if need[2] else None
+        total = z.new_zeros(())
+        ones = z.new_ones(min(chunk, M))
+        for start in range(0, M, chunk):
+            zc, yc = z[start : start + chunk], labels[start : start + chunk]
+            rows = torch.arange(len(yc), device=z.device)
+            logits = torch.addmm(bias, zc, table.T)  # (c, N)
+            top = logits.amax(dim=1)
+            total -= (logits[rows, yc] - top).sum()
+            # softmax in place, one pass per step: these passes over (c, N) are most of the cost
+            grad = logits.sub_(top[:, None]).exp_()
+            norm = grad.sum(dim=1)
+            total += norm.log().sum()
+            grad.div_(norm[:, None])
+            grad[rows, yc] -= 1.0  # d loss_sum / d logits = softmax - onehot
+            if dz is not None:
+                torch.mm(grad, table, out=dz[start : start + chunk])
+            if dtable is not None:
+                dtable.addmm_(grad.T, zc)
+            if dbias is not None:
+                dbias.addmv_(grad.T, ones[: len(yc)])  # a column sum through BLAS: sum(0) was slower
+        ctx.scale = 1.0 / M
+        ctx.save_for_backward(*(t if t is not None else z.new_empty(0) for t in (dz, dtable, dbias)))
+        ctx.present = (dz is not None, dtable is not None, dbias is not None)
+        return total / M
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = ctx.saved_tensors
+        g = grad_out * ctx.scale
+        grads = [t * g if present else None for t, present in zip(saved, ctx.present)]
+        return grads[0], grads[1], grads[2], None, None
+
+
+def item_cross_entropy(z: torch.Tensor, table: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor,
+                       chunk: int | None = None) -> torch.Tensor:
+    """Mean over rows of -log softmax(z @ table.T + bias)[label]; equal to F.cross_entropy on the full
+    logits. Inside a no-grad or inference context it only computes the loss."""
+    if z.shape[0] == 0:
+        raise ValueError("item_cross_entropy needs at least one row")
+    chunk = chunk or max(64, CHUNK_ENTRIES // max(1, table.shape[0]))
+    if not torch.is_grad_enabled():
+        with torch.no_grad():
+            return torch.cat([torch.nn.functional.cross_entropy(
+                torch.addmm(bias, z[s : s + chunk], table.T), labels[s : s + chunk], reduction="none")
+                for s in range(0, z.shape[0], chunk)]).mean()
+    return _ChunkedItemCE.apply(z, table, bias, labels, chunk)

@@ -1,0 +1,86 @@
+"""A training run's resumable state: one safetensors file beside the output, rewritten after every epoch.
+
+It holds everything the next epoch depends on — the weights, the optimiser's moments and step counts,
+the recipe's own parameters and carried statistics, the torch and numpy random states, the best epoch so
+far and the history — so a resumed run continues exactly where the interrupted one stopped (on CPU, bit
+for bit). Tensors only, plus JSON metadata: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from models.errors import CheckpointError
+
+FORMAT = "recmerge-train-state-1"
+
+
+def state_path(out: Path) -> Path:
+    return out.with_name(out.name.removesuffix(".safetensors") + ".state.safetensors")
+
+
+def save_state(path: Path, *, model: torch.nn.Module, extra_params: list[torch.Tensor],
+               opt: torch.optim.Optimizer, best_state: dict[str, torch.Tensor] | None, info: dict,
+               rng: np.random.Generator) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        tensors[f"model/{k}"] = v.detach().cpu().contiguous()
+    for i, p in enumerate(extra_params):
+        tensors[f"recipe/{i}"] = p.detach().cpu().contiguous()
+    for k, v in (best_state or {}).items():
+        tensors[f"best/{k}"] = v.contiguous()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        for k, v in opt.state.get(p, {}).items():
+            tensors[f"opt/{i}/{k}"] = v.detach().cpu().reshape(-1).contiguous() if k == "step" else \
+                v.detach().cpu().contiguous()
+    tensors["rng/torch"] = torch.get_rng_state()
+    meta = {"format": FORMAT, "info": json.dumps(info), "numpy_rng": json.dumps(rng.bit_generator.state),
+            "lrs": json.dumps([g["lr"] for g in opt.param_groups])}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # an interruption mid-write leaves the previous epoch's state intact
+
+
+def load_state(path: Path, *, model: torch.nn.Module, extra_params: list[torch.Tensor],
+               opt: torch.optim.Optimizer, rng: np.random.Generator) -> tuple[dict, dict | None]:
+    """Restore into the given objects; returns (info, best_state)."""
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable training state ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a recmerge training state (format {meta.get('format')!r})")
+    own = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    try:
+        model.load_state_dict(own)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: the saved weights do not fit this run's model ({e})") from None
+    with torch.no_grad():
+        for i, p in enumerate(extra_params):
+            p.copy_(tensors[f"recipe/{i}"])
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        st = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt/{i}/")}
+        if st:
+            if "step" in st:
+                st["step"] = st["step"].reshape(())
+            opt.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in st.items()}
+    for g, lr in zip(opt.param_groups, json.loads(meta["lrs"])):
+        g["lr"] = lr
+    torch.set_rng_state(tensors["rng/torch"])
+    rng.bit_generator.state = json.loads(meta["numpy_rng"])
+    best = {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")} or None
+    return json.loads(meta["info"]), best
