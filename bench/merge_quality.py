@@ -53,9 +53,7 @@ def valid_ndcg_of_state(ds, cfg):
 def finetune(path: Path, ds, epochs: int, seed: int) -> Path:
     b = read_metadata(path).backbone
     out = path.with_name(path.name.removesuffix(".safetensors") + "+ft.safetensors")
-    cfg = TrainConfig(recipe="bert4rec", backbone=b.kind, hidden=b.hidden, layers=b.layers, heads=b.heads,
-                      inner=b.inner, dropout=b.dropout, max_len=b.max_len, epochs=epochs, patience=0,
-                      seed=seed, init=str(path))
+    cfg = TrainConfig.continuing(b, str(path), recipe="bert4rec", epochs=epochs, patience=0, seed=seed)
     train(ds, cfg, out)
     return out
 

@@ -78,6 +78,14 @@ class TrainConfig:
             raise RecmergeError(f"max_minutes must be > 0 (got {self.max_minutes})")
         self.betas = tuple(self.betas)
 
+    @classmethod
+    def continuing(cls, backbone: BackboneConfig, init: str, **kw) -> TrainConfig:
+        """A run that starts from a checkpoint of this backbone (fine-tuning, a merge's extra epochs):
+        every shape field is the checkpoint's."""
+        shape = {k: getattr(backbone, k) for k in ("hidden", "layers", "heads", "inner", "dropout", "max_len",
+                                                    "norm", "head", "activation")}
+        return cls(backbone=backbone.kind, init=init, **shape, **kw)
+
 
 @dataclass
 class TrainResult:

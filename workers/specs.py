@@ -41,13 +41,17 @@ class TrainSpec(Spec):
     backbone: Literal["bert4rec", "sasrec"] = "bert4rec"
     hidden: int = Field(64, ge=1, le=4096)
     layers: int = Field(2, ge=1, le=48)
-    heads: int = Field(2, ge=1, le=64)
-    inner: int = Field(256, ge=1, le=16384)
+    # Shape and optimisation defaults are `recmerge train`'s (models/train.py TrainConfig).
+    heads: int = Field(1, ge=1, le=64)
+    inner: int = Field(64, ge=1, le=16384)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    norm: Literal["pre", "post"] = "pre"
+    head: bool = Field(False, description="a projection head before the tied item table")
+    activation: Literal["relu", "gelu"] = "relu"
     max_len: int = Field(200, ge=2, le=4096)
-    batch_size: int = Field(128, ge=1, le=65536)
+    batch_size: int = Field(32, ge=1, le=65536)
     lr: float = Field(1e-3, gt=0.0, le=1.0)
-    patience: int = Field(5, ge=0)
+    patience: int = Field(0, ge=0)
     seed: int = 0
     max_minutes: float | None = Field(None, gt=0)
     evaluate_test: bool = Field(True, description="also score the finished model on the test split")

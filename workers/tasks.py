@@ -95,6 +95,9 @@ def prepare(a: Attempt) -> Record:
 
 
 # train -----------------------------------------------------------------------------------------------
+SHAPE_FIELDS = ("backbone", "hidden", "layers", "heads", "inner", "dropout", "norm", "head", "activation", "max_len")
+
+
 def train(a: Attempt) -> Record:
     from models.checkpoint import load_model
     from models.train import TrainConfig
@@ -107,10 +110,14 @@ def train(a: Attempt) -> Record:
         init_row, init = a.res.model(spec.init_model_id)
         if init_row.dataset_id != ds_row.id:
             raise RecmergeError(f"init_model_id {spec.init_model_id}: trained on another dataset")
-    cfg = TrainConfig(recipe=spec.recipe, options=spec.options, backbone=spec.backbone, hidden=spec.hidden,
-                      layers=spec.layers, heads=spec.heads, inner=spec.inner, dropout=spec.dropout,
-                      max_len=spec.max_len, epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr,
-                      patience=spec.patience, seed=spec.seed, init=str(init) if init else None,
+    shape = {k: getattr(spec, k) for k in SHAPE_FIELDS}
+    if init:  # as in the CLI: the starting model's shape, unless the request names a field
+        bb = read_metadata(init).backbone
+        shape |= {k: getattr(bb, "kind" if k == "backbone" else k) for k in SHAPE_FIELDS
+                  if k not in spec.model_fields_set}
+    cfg = TrainConfig(recipe=spec.recipe, options=spec.options, **shape, epochs=spec.epochs,
+                      batch_size=spec.batch_size, lr=spec.lr, patience=spec.patience, seed=spec.seed,
+                      init=str(init) if init else None,
                       device=a.res.device, max_minutes=spec.max_minutes)
     last = 0.9 if spec.evaluate_test else 1.0
     out = run_training(ds, cfg, a.workdir / "model.safetensors", progress=a.scaled(0.0, last))
@@ -243,9 +250,8 @@ def finetune(a: Attempt, ds, merged, epochs: int, progress):
     from models.train import train as run_training
 
     bb = read_metadata(merged.path).backbone
-    cfg = TrainConfig(recipe="bert4rec", backbone=bb.kind, hidden=bb.hidden, layers=bb.layers, heads=bb.heads,
-                      inner=bb.inner, dropout=bb.dropout, max_len=bb.max_len, epochs=epochs, patience=0,
-                      init=str(merged.path), device=a.res.device)
+    cfg = TrainConfig.continuing(bb, str(merged.path), recipe="bert4rec", epochs=epochs, patience=0,
+                                 device=a.res.device)
     out = run_training(ds, cfg, a.workdir / "finetuned.safetensors", progress=progress).checkpoint
     state, meta = load_checkpoint(out)
     meta.merge = read_metadata(merged.path).merge | {

@@ -128,9 +128,8 @@ def _finetune(args, ds, merged: Path, out: Path, merge_meta: dict, merged_sha256
     from models.train import TrainConfig, train
 
     b = read_metadata(merged).backbone
-    cfg = TrainConfig(recipe=args.finetune_recipe, backbone=b.kind, hidden=b.hidden, layers=b.layers, heads=b.heads,
-                      inner=b.inner, dropout=b.dropout, max_len=b.max_len, epochs=args.finetune_epochs,
-                      patience=0, init=str(merged), device=args.device)
+    cfg = TrainConfig.continuing(b, str(merged), recipe=args.finetune_recipe, epochs=args.finetune_epochs,
+                                 patience=0, device=args.device)
     train(ds, cfg, out, show_bar=True)
     # The trainer records how it trained; the fine-tuned model also keeps what it was merged from.
     state, meta = load_checkpoint(out)
