@@ -14,11 +14,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-# docker-compose parses the compose file in a test; wrk drives the load benchmark. Debian packages,
-# installed only when missing and when we may (root with apt-get); otherwise those checks say so.
-SYSPKGS := docker-compose wrk
+# docker-compose parses the compose file in a test; wrk drives the load benchmark; chromium (and its
+# driver) is the browser the dashboard test drives. Debian packages as package:command, installed only
+# when the command is missing and when we may (root with apt-get); otherwise those checks say so.
+SYSPKGS := docker-compose:docker-compose wrk:wrk chromium:chromium chromium-driver:chromedriver
 sysdeps:
-	@missing=""; for p in $(SYSPKGS); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	@missing=""; for pc in $(SYSPKGS); do command -v $${pc#*:} >/dev/null || missing="$$missing $${pc%%:*}"; done; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing$$missing"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null 2>&1 || \
