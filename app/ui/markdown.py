@@ -43,7 +43,8 @@ def _is_rule(line: str) -> bool:
     return bool(re.fullmatch(r"\s*\|?(\s*:?-+:?\s*\|)*\s*:?-+:?\s*\|?\s*", line))
 
 
-def render(md: str) -> str:
+def render(md: str, shift: int = 0) -> str:
+    """`shift` moves headings down (1: # becomes <h2>) to nest the document under a page's own heading."""
     lines = md.splitlines()
     out: list[str] = []
     para: list[str] = []
@@ -69,7 +70,7 @@ def render(md: str) -> str:
             continue
         if m := re.match(r"(#{1,6})\s+(.*)", stripped):
             flush()
-            level = len(m.group(1))
+            level = min(len(m.group(1)) + shift, 6)
             out.append(f"<h{level}>{inline(m.group(2))}</h{level}>")
         elif stripped.startswith("|") and i + 1 < len(lines) and _is_rule(lines[i + 1]):
             flush()

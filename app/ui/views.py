@@ -100,7 +100,7 @@ def model_page(session: Session, store: Store, model_id: str) -> dict:
     return {"model": m, "dataset": session.get(Dataset, m.dataset_id), "lineage": lin, "rows": rows,
             "columns": [f"{s} {n}" for s, n in COLUMNS], "chart": chart(rows),
             "figures": available(session, store, m, lin),
-            "card": markdown.render(cards.model_card(session, store, model_id))}
+            "card": markdown.render(cards.model_card(session, store, model_id), shift=2)}
 
 
 def job_page(session: Session, job_id: str) -> dict:
