@@ -12,12 +12,22 @@ function api(path, options = {}) {
   return fetch(path, { ...options, headers });
 }
 
-async function detail(response) {
+// A refusal as {text, fields}: the API's one-line `detail` and, when fields are at fault, their list (under
+// `errors`, or under `detail` itself as FastAPI's own validation errors come).
+async function problem(response) {
+  let body = null;
   try {
-    return (await response.json()).detail;
+    body = await response.json();
   } catch {
-    return `${response.status} ${response.statusText}`;
+    return { text: `${response.status} ${response.statusText}`, fields: null };
   }
+  const list = [body.errors, body.detail].find((x) => Array.isArray(x) && x.length) || null;
+  const text = typeof body.detail === "string" ? body.detail : `${response.status} ${response.statusText}`;
+  return { text, fields: list };
+}
+
+async function detail(response) {
+  return (await problem(response)).text;
 }
 
 // --- parts -------------------------------------------------------------------------------------------
@@ -114,14 +124,14 @@ function showError(form, loc, msg) {
   slot.hidden = false;
 }
 
-function showErrors(form, status, body) {
-  if (Array.isArray(body)) {
-    for (const e of body) {
+function showErrors(form, { text, fields }) {
+  if (fields) {
+    for (const e of fields) {
       const loc = (e.loc || []).filter((p) => p !== "body").map(String);
       showError(form, loc, e.msg);
     }
   } else {
-    showError(form, [], typeof body === "string" ? body : `${status}: ${JSON.stringify(body)}`);
+    showError(form, [], text);
   }
   const first = form.querySelector(".invalid input, .invalid select");
   if (first) first.focus();
@@ -178,7 +188,7 @@ async function submitForm(event) {
   button.disabled = true;
   try {
     const response = await api(form.dataset.endpoint, init);
-    if (!response.ok) return showErrors(form, response.status, await detail(response));
+    if (!response.ok) return showErrors(form, await problem(response));
     const created = await response.json();
     window.location.assign(form.dataset.next.replace("{id}", encodeURIComponent(created.id)));
   } finally {
@@ -235,7 +245,7 @@ function wireRecommend(form) {
       response = await api("/recommend", { method: "POST", headers: { "Content-Type": "application/json" },
                                            body: JSON.stringify({ model, items, k }) });
     }
-    if (!response.ok) return showErrors(form, response.status, await detail(response));
+    if (!response.ok) return showErrors(form, await problem(response));
     showRecommendations(form, await response.json());
   });
   sync();
