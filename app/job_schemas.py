@@ -9,10 +9,18 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from app.request_rules import merge_rules, train_rules
 from workers.specs import MergeSpec, TrainSpec
 
-TrainJobCreate = TrainSpec
-MergeJobCreate = MergeSpec
+
+class TrainJobCreate(TrainSpec):
+    """TrainSpec as it validates; its schema also says the rules between fields (app/request_rules.py)."""
+
+    model_config = ConfigDict(json_schema_extra=train_rules)
+
+
+class MergeJobCreate(MergeSpec):
+    model_config = ConfigDict(json_schema_extra=merge_rules)
 
 
 class Progress(BaseModel):

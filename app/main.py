@@ -9,25 +9,24 @@ from __future__ import annotations
 import gc
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import HTTPException
-from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.api import aliases, datasets, events, health, models, recipes, recommend
+from app.api import errors as api_errors
 from app.api import jobs as jobs_api
 from app.api.access import AuthFirst
 from app.api.deps import DOORS
+from app.api.errors import error_response
 from app.db import make_engine, make_sessionmaker
 from app.metrics import Metrics, MetricsMiddleware
 from app.migrate import upgrade
-from app.services.errors import ServiceError
 from app.services.uploads import sweep_uploads
 from app.serving import Recommender
 from app.settings import Settings, get_settings
 from app.store import store_from_settings
 from app.ui import routes as ui
-from models.errors import RecmergeError
 
 
 class BodyLimit:
@@ -49,7 +48,7 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             err = self._too_large()
-            await JSONResponse({"detail": err.detail}, 413, headers={"Connection": "close"})(scope, receive, send)
+            await error_response(413, err.detail, headers={"Connection": "close"})(scope, receive, send)
             return
         seen = 0
 
@@ -111,13 +110,7 @@ def create_app(settings: Settings | None = None, *, jobs: bool = True) -> FastAP
         app.include_router(module.router)
     ui.mount(app)  # the dashboard: pages, their parts (behind the read door) and static files
 
-    @app.exception_handler(ServiceError)
-    async def _service_error(request: Request, exc: ServiceError):
-        return JSONResponse({"detail": exc.message}, status_code=exc.status)
-
-    @app.exception_handler(RecmergeError)
-    async def _bad_input(request: Request, exc: RecmergeError):
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+    api_errors.install(app)
 
     app.add_middleware(BodyLimit, limit=settings.MAX_UPLOAD_BYTES)
     app.add_middleware(AuthFirst, settings=settings, routes=app.router.routes, doors_by_dependency=DOORS)

@@ -51,7 +51,9 @@ def refusal(settings: Settings, door: str, authorization: str | None) -> str | N
 
 
 def unauthorized(message: str) -> JSONResponse:
-    return JSONResponse({"detail": message}, 401, headers={"WWW-Authenticate": "Bearer"})
+    from app.api.errors import error_response
+
+    return error_response(401, message, headers={"WWW-Authenticate": "Bearer"})
 
 
 def route_door(route, doors_by_dependency: dict) -> str | None:

@@ -7,6 +7,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from app.api.deps import ReadAccess, SessionDep, SettingsDep, StoreDep, WriteAccess
+from app.api.errors import documented
 from app.schemas import DatasetCreate, DatasetPublic, DatasetUpload
 from app.services import datasets
 from app.services.errors import Unprocessable
@@ -34,7 +35,8 @@ def _validated(model: type[BaseModel], data):
 
 
 @router.post("", response_model=DatasetPublic, status_code=201, dependencies=[WriteAccess], openapi_extra=_BODIES,
-             responses={200: {"description": "the same dataset was already registered", "model": DatasetPublic}})
+             responses={200: {"description": "the same dataset was already registered", "model": DatasetPublic},
+                        **documented(401, 413, 415, 422, 503)})
 async def create_dataset(request: Request, response: Response, session: SessionDep, store: StoreDep,
                          settings: SettingsDep):
     """Prepare and register a dataset: `{"name", "source": "ml-100k"}` as JSON, or a multipart upload of
@@ -70,11 +72,12 @@ async def create_dataset(request: Request, response: Response, session: SessionD
     return row
 
 
-@router.get("", dependencies=[ReadAccess], response_model=list[DatasetPublic])
+@router.get("", dependencies=[ReadAccess], response_model=list[DatasetPublic], responses=documented(401))
 def list_datasets(session: SessionDep):
     return datasets.list_datasets(session)
 
 
-@router.get("/{dataset_id}", dependencies=[ReadAccess], response_model=DatasetPublic)
+@router.get("/{dataset_id}", dependencies=[ReadAccess], response_model=DatasetPublic,
+            responses=documented(401, 404))
 def get_dataset(dataset_id: str, session: SessionDep):
     return datasets.get_dataset(session, dataset_id)

@@ -5,6 +5,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from app.api.deps import ReadAccess, SessionDep, StoreDep
+from app.api.errors import documented
 from app.schemas import Health, Ready
 
 router = APIRouter(tags=["health"])
@@ -25,6 +26,7 @@ def readyz(session: SessionDep, store: StoreDep):
 
 
 @router.get("/metrics", dependencies=[ReadAccess], response_class=Response,
-            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"},
+                       **documented(401, json_route=False)})
 async def metrics(request: Request):
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

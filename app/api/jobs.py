@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from app.api.deps import ReadAccess, SessionDep, StoreDep, WriteAccess
+from app.api.errors import documented
 from app.job_schemas import JobPublic, MergeJobCreate, MergeJobPublic, TrainJobCreate
 from app.services import jobs, merge_configs
 from merging.config import ConfigError, MergeConfig
@@ -83,20 +84,21 @@ async def merge_request(request: Request) -> MergeJobCreate:
 MergeRequest = Annotated[MergeJobCreate, Depends(merge_request)]
 
 
-@router.post("/train-jobs", response_model=JobPublic, status_code=202, dependencies=[WriteAccess])
+@router.post("/train-jobs", response_model=JobPublic, status_code=202, dependencies=[WriteAccess],
+             responses=documented(401, 404, 413, 422))
 def create_train_job(body: TrainJobCreate, session: SessionDep, bg: BackgroundDep,
                      idempotency_key: IdempotencyKey = None):
     """Train a recipe on a dataset (optionally from `init_model_id`); the model is registered when it ends."""
     return jobs.job_public(_queue(session, bg, jobs.submit_train, body, idempotency_key))
 
 
-@router.get("/jobs/{job_id}", dependencies=[ReadAccess], response_model=JobPublic)
+@router.get("/jobs/{job_id}", dependencies=[ReadAccess], response_model=JobPublic, responses=documented(401, 404))
 def get_job(job_id: str, session: SessionDep):
     return jobs.job_public(jobs.get_job(session, job_id))
 
 
 @router.post("/merge-jobs", response_model=MergeJobPublic, status_code=202, dependencies=[WriteAccess],
-             openapi_extra=MERGE_BODY_DOC)
+             openapi_extra=MERGE_BODY_DOC, responses=documented(401, 404, 413, 422))
 def create_merge_job(body: MergeRequest, session: SessionDep, store: StoreDep, bg: BackgroundDep,
                      idempotency_key: IdempotencyKey = None):
     """Merge registered models. With method `fisher` each ingredient's Fisher is estimated (in parallel,
@@ -106,12 +108,14 @@ def create_merge_job(body: MergeRequest, session: SessionDep, store: StoreDep, b
     return jobs.merge_job_public(session, job)
 
 
-@router.get("/merge-jobs/{job_id}", dependencies=[ReadAccess], response_model=MergeJobPublic)
+@router.get("/merge-jobs/{job_id}", dependencies=[ReadAccess], response_model=MergeJobPublic,
+            responses=documented(401, 404))
 def get_merge_job(job_id: str, session: SessionDep):
     return jobs.merge_job_public(session, jobs.get_job(session, job_id, "merge"))
 
 
-@router.delete("/merge-jobs/{job_id}", response_model=MergeJobPublic, dependencies=[WriteAccess])
+@router.delete("/merge-jobs/{job_id}", response_model=MergeJobPublic, dependencies=[WriteAccess],
+               responses=documented(401, 404, 409))
 def cancel_merge_job(job_id: str, session: SessionDep):
     """Cancel a queued or running merge job and the jobs it waits for; a running step stops at its next
     progress report and registers nothing."""

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFil
 from fastapi.exceptions import RequestValidationError
 
 from app.api.deps import ReadAccess, SessionDep, SettingsDep, StoreDep, WriteAccess
+from app.api.errors import documented
 from app.schemas import ModelPublic
 from app.services import models, recipes
 from app.services.uploads import saved_upload
@@ -26,7 +27,8 @@ async def known_form_fields(request: Request) -> None:
 
 
 @router.post("", response_model=ModelPublic, status_code=201, dependencies=[WriteAccess, Depends(known_form_fields)],
-             responses={200: {"description": "the same file was already registered", "model": ModelPublic}})
+             responses={200: {"description": "the same file was already registered", "model": ModelPublic},
+                        **documented(400, 401, 404, 413, 422)})
 def upload_recipe(
     response: Response,
     session: SessionDep,
@@ -48,11 +50,11 @@ def upload_recipe(
     return row
 
 
-@router.get("", dependencies=[ReadAccess], response_model=list[ModelPublic])
+@router.get("", dependencies=[ReadAccess], response_model=list[ModelPublic], responses=documented(401))
 def list_recipes(session: SessionDep, dataset_id: str | None = None):
     return models.list_models(session, kind="recipe", dataset_id=dataset_id)
 
 
-@router.get("/{recipe_id}", dependencies=[ReadAccess], response_model=ModelPublic)
+@router.get("/{recipe_id}", dependencies=[ReadAccess], response_model=ModelPublic, responses=documented(401, 404))
 def get_recipe(recipe_id: str, session: SessionDep):
     return models.get_model(session, recipe_id, kind="recipe")

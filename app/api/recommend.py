@@ -5,6 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query
 
 from app.api.deps import RecommendAccess, RecommenderDep
+from app.api.errors import documented
 from app.schemas import Recommendation, VisitorRecommend
 from app.serving import Ranked, Served
 
@@ -18,7 +19,8 @@ def _public(s: Served, user: str | None, ranked: Ranked) -> dict:
     return {"model_id": s.id, "user": user, "items": items}
 
 
-@router.get("/recommend/{user}", dependencies=[RecommendAccess], response_model=Recommendation)
+@router.get("/recommend/{user}", dependencies=[RecommendAccess], response_model=Recommendation,
+            responses=documented(401, 404, 422))
 async def recommend_user(
     user: Annotated[str, Path(max_length=200, description="original user id in the model's dataset")],
     recommender: RecommenderDep,
@@ -31,7 +33,8 @@ async def recommend_user(
     return _public(s, user, ranked)
 
 
-@router.post("/recommend", dependencies=[RecommendAccess], response_model=Recommendation)
+@router.post("/recommend", dependencies=[RecommendAccess], response_model=Recommendation,
+             responses=documented(401, 404, 413, 422))
 async def recommend_visitor(body: VisitorRecommend, recommender: RecommenderDep):
     """Top-k for a visitor without an account, from the item history sent along."""
     s, ranked = await recommender.for_visitor(body.model, body.items, body.k)

@@ -40,6 +40,10 @@ def submit_train(session: Session, spec: TrainSpec, key: str | None = None) -> t
 
     if (job := _existing(session, key)) is not None:
         return job, []
+    try:  # the request's own fields before the rows it names, as for merges
+        recipe_options(spec.recipe, spec.options)
+    except RecmergeError as e:
+        raise Unprocessable(str(e)) from None
     if session.get(Dataset, spec.dataset_id) is None:
         raise NotFound(f"dataset_id: dataset {spec.dataset_id!r} not found")
     if spec.init_model_id:
@@ -51,10 +55,6 @@ def submit_train(session: Session, spec: TrainSpec, key: str | None = None) -> t
             if init.backbone.get(k) != getattr(spec, "backbone" if k == "kind" else k):
                 raise Unprocessable(f"init_model_id: model {init.id} has {k}={init.backbone.get(k)}, "
                                     f"the request asks for {getattr(spec, 'backbone' if k == 'kind' else k)}")
-    try:
-        recipe_options(spec.recipe, spec.options)
-    except RecmergeError as e:
-        raise Unprocessable(str(e)) from None
     job = jobs.create(session, "train", spec.model_dump(), idempotency_key=key)
     return job, [(job.id, "train")]
 
@@ -63,6 +63,16 @@ def _check_merge(session: Session, spec: MergeSpec) -> tuple[list[Model], Model 
     from merging.merge import build_method
     from merging.methods import get_method
 
+    # What the request says by itself first (422, as the OpenAPI schema does), then what it names (404).
+    try:
+        build_method(spec.method, len(spec.model_ids), spec.options, spec.weights)  # validates options and weights
+        cls = get_method(spec.method)
+    except RecmergeError as e:
+        raise Unprocessable(str(e)) from None
+    if cls.needs_base and spec.base_model_id is None:
+        raise Unprocessable(f"base_model_id: method {spec.method!r} works on task vectors and needs a base model")
+    if not cls.needs_base and spec.base_model_id is not None:
+        raise Unprocessable(f"base_model_id: method {spec.method!r} does not use a base model")
     rows = [_model(session, m, "model_ids") for m in spec.model_ids]
     base = _model(session, spec.base_model_id, "base_model_id") if spec.base_model_id else None
     ref = rows[0]
@@ -77,15 +87,6 @@ def _check_merge(session: Session, spec: MergeSpec) -> tuple[list[Model], Model 
             k = diff[0]
             raise Unprocessable(f"model_ids: model {other.id} has backbone {k}={other.backbone.get(k)}, "
                                 f"model {ref.id} has {ref.backbone.get(k)}")
-    try:
-        build_method(spec.method, len(rows), spec.options, spec.weights)  # validates options and weights
-        cls = get_method(spec.method)
-    except RecmergeError as e:
-        raise Unprocessable(str(e)) from None
-    if cls.needs_base and base is None:
-        raise Unprocessable(f"base_model_id: method {spec.method!r} works on task vectors and needs a base model")
-    if not cls.needs_base and base is not None:
-        raise Unprocessable(f"base_model_id: method {spec.method!r} does not use a base model")
     return rows, base
 
 

@@ -82,14 +82,14 @@ def test_unknown_form_fields_are_refused_like_unknown_json_fields(svc, dataset, 
     before = svc.snapshot()
     r = svc.client.post("/datasets", data={"name": "x", "bogus": "1"},
                         files={"file": ("i.csv", io.BytesIO(interactions_csv(seed=3)))})
-    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "bogus"], r.text
-    assert r.json()["detail"][0]["type"] == "extra_forbidden"
+    assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["body", "bogus"], r.text
+    assert r.json()["errors"][0]["type"] == "extra_forbidden"
     good = checkpoint_bytes(tmp_path, dataset["fingerprint"], dataset["n_items"])
     r = svc.upload_recipe(good, dataset["id"], bogus="1")
-    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "bogus"], r.text
+    assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["body", "bogus"], r.text
     r = svc.client.post("/recipes", data={"name": "r", "dataset_id": dataset["id"]},
                         files={"file": ("r.safetensors", io.BytesIO(good)), "extra": ("e.bin", io.BytesIO(b"x"))})
-    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "extra"], r.text
+    assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["body", "extra"], r.text
     assert svc.snapshot() == before
 
 

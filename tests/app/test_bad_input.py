@@ -22,7 +22,9 @@ def unchanged(svc):
 
 def refused(r: httpx.Response, status: int, *needles: str) -> None:
     assert r.status_code == status, r.text
-    detail = json.dumps(r.json()["detail"])
+    body = r.json()
+    assert isinstance(body["detail"], str) and isinstance(body["errors"], list), body  # one shape for all
+    detail = json.dumps(body)
     for needle in needles:
         assert needle in detail, f"{needle!r} not in {detail}"
 

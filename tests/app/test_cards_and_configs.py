@@ -91,7 +91,7 @@ def test_an_invalid_config_is_refused_field_by_field_and_queues_nothing(svc, wor
            "parameters": {"density": 3}}
     r = svc.client.post("/merge-jobs", content=yaml.safe_dump(bad), headers={"content-type": "application/yaml"})
     assert r.status_code == 422, r.text
-    errors = {".".join(map(str, e["loc"])): e["msg"] for e in r.json()["detail"]}
+    errors = {".".join(map(str, e["loc"])): e["msg"] for e in r.json()["errors"]}
     assert set(errors) == {"body.parameters.density", "body.models.0.parameters.weight",
                            "body.models.0.parameters.fisher", "body.base_model"}
     assert "less than or equal to 1" in errors["body.parameters.density"]

@@ -42,8 +42,7 @@ def _post(svc, path, body, status, message=None, **kw):
     r = svc.client.post(path, json=body, headers=kw.get("headers", svc.headers))
     assert r.status_code == status, r.text
     if message is not None:
-        detail = r.json()["detail"]
-        text = detail if isinstance(detail, str) else " ".join(f"{e['loc']} {e['msg']}" for e in detail)
+        text = " ".join([r.json()["detail"], *(f"{e['loc']} {e['msg']}" for e in r.json()["errors"])])
         assert message in text, text
     if status >= 400:
         assert svc.counts()["jobs"] == before, "a refused request left a job behind"
@@ -122,11 +121,12 @@ def test_fisher_merge_fans_out_and_cancel_reaches_every_sub_job(svc, world):
 
 def test_unknown_jobs_are_404(svc, world):
     assert svc.client.get("/merge-jobs/nope").status_code == 404
-    assert svc.client.get("/jobs/nope").json() == {"detail": "job 'nope' not found"}
+    assert svc.client.get("/jobs/nope").json() == {"detail": "job 'nope' not found", "errors": []}
     train = _post(svc, "/train-jobs", {"dataset_id": world["d1"]}, 202)
     assert train["kind"] == "train" and svc.client.get(f"/jobs/{train['id']}").status_code == 200
     # A train job is not a merge job.
-    assert svc.client.get(f"/merge-jobs/{train['id']}").json() == {"detail": f"merge job '{train['id']}' not found"}
+    assert svc.client.get(f"/merge-jobs/{train['id']}").json() == {"detail": f"merge job '{train['id']}' not found",
+                                                                  "errors": []}
     assert svc.client.delete("/merge-jobs/nope", headers=svc.headers).status_code == 404
 
 
