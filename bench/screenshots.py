@@ -22,7 +22,7 @@ def populate(base: str, app, tmp: Path) -> dict:
     http = httpx.Client(base_url=base, timeout=300)  # first calls import torch-side modules: slow on a busy machine
     ds = register_dataset(app, write_titled_source(tmp / "films"))
     ids = []
-    for k, name in enumerate(["bert4rec-a", "duorec-b", "ehrec-c"]):
+    for k, name in enumerate(["bert4rec-seed0", "bert4rec-seed1", "bert4rec-seed2"]):
         ckpt = write_checkpoint(tmp / f"{name}.safetensors", ds["fingerprint"], ds["n_items"], seed=k)
         r = http.post("/recipes", data={"name": name, "dataset_id": ds["id"]}, files={"file": ckpt.open("rb")})
         r.raise_for_status()
@@ -60,7 +60,7 @@ def shoot(base: str, made: dict, out: Path) -> list[Path]:
 
         def figures_drawn() -> None:
             page.wait_for_function("[...document.querySelectorAll('img[data-src]')]"
-                                   ".every(i => i.complete && i.naturalWidth > 0)", timeout=120_000)
+                                   ".every(i => i.complete && i.naturalWidth > 0)", timeout=600_000)
 
         def recommend() -> None:
             page.locator("input[name=user]").fill("7")
