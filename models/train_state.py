@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from models.errors import CheckpointError
 
@@ -55,10 +55,9 @@ def load_state(path: Path, *, model: torch.nn.Module, extra_params: list[torch.T
                opt: torch.optim.Optimizer, rng: np.random.Generator) -> tuple[dict, dict | None]:
     """Restore into the given objects; returns (info, best_state)."""
     try:
-        tensors = load_file(str(path))
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # one open for the tensors and the metadata
             meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable training state ({e})") from None
     if meta.get("format") != FORMAT:
