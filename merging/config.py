@@ -6,10 +6,11 @@
         parameters: {weight: 0.6}
       - model: runs/ehrec.safetensors
         parameters: {weight: 0.4}               # also `fisher: F.safetensors`, a Fisher computed before
-    base_model: null                            # task-vector methods (task-arithmetic, ties, dare)
+    base_model: null                            # task-vector methods (task-arithmetic, ties, dare, ...)
     parameters: {normalize: true}               # the method's global options
     fisher: {sampling: topk, n: 10}             # how missing Fishers are estimated (merging.fisher)
-    dataset: data/ml-100k                       # prepared dataset (Fisher estimation, greedy-soup)
+    dataset: data/ml-100k                       # prepared dataset (Fisher estimation, the methods
+                                                # choosing on data: greedy-soup, weight-search, ...)
 
 `parse_config` validates everything it can before any work and reports every problem at its field
 (`models.1.parameters.weight: ...`). `MergeConfig.record()` is the canonical form, with every default
@@ -85,8 +86,9 @@ class MergeConfig(BaseModel):
                 params[FISHER_FILE] = m.parameters[FISHER_FILE]
             models.append({"model": m.model, "parameters": params})
         fs = self.fisher_settings()
-        # The dataset is part of the recipe only where the merge reads it (Fisher estimation, greedy soup).
-        uses_data = fs is not None or cls.needs_score
+        # The dataset is part of the recipe only where the merge reads it (Fisher estimation, the methods that
+        # choose on data).
+        uses_data = fs is not None or cls.uses_data()
         return {"merge_method": self.merge_method, "models": models, "base_model": self.base_model,
                 "parameters": cls.Options.model_validate(self.parameters).model_dump(),
                 "fisher": fs.model_dump() if fs is not None else None,
@@ -147,10 +149,11 @@ def parse_config(doc: dict, source: str = "merge config", needs_files: bool = Fa
     files = cfg.fisher_files
     if files is not None and None in files:
         errors.append({"loc": "models", "msg": "give a fisher file for every model or for none"})
-    if cls.needs_base and cfg.base_model is None:
+    uses_base = cls.base_use(cfg.parameters)
+    if uses_base and cfg.base_model is None:
         errors.append({"loc": "base_model",
                        "msg": f"{cfg.merge_method} works on task vectors and needs a base checkpoint"})
-    if not cls.needs_base and cfg.base_model is not None:
+    if not uses_base and cfg.base_model is not None:
         errors.append({"loc": "base_model", "msg": f"{cfg.merge_method} does not use a base model"})
     if needs_files and cfg.base_model is not None and not Path(cfg.base_model).is_file():
         errors.append({"loc": "base_model", "msg": f"{cfg.base_model}: no such file"})

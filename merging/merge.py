@@ -25,7 +25,7 @@ from merging.fisher_norm import SquaredNorm, sq_norm_of_tensors, stored_sq_norm
 from merging.heap import keep_freed_blocks
 from merging.io import SafetensorsReader, SafetensorsWriter, row_blocks
 from merging.methods import MergeMethod, MergeOptionsError, get_method
-from merging.methods.base import TensorInputs
+from merging.methods.base import FitInputs, TensorInputs
 from merging.methods.greedy_soup import greedy_select
 from merging.prefetch import prefetched
 from models.checkpoint import CheckpointMeta, file_sha256
@@ -47,6 +47,9 @@ class MergeResult:
     seconds: float
     stats: dict[str, Any] = field(default_factory=dict)
     output_reread: int = 0  # bytes of the output read back to hash it after its header was rewritten
+    # What a method that fits on data chose (weight-search: coefficients, score, candidates; regmean;
+    # adamerging: coefficients, losses), also recorded in the file's `merge` metadata.
+    fitted: dict[str, Any] = field(default_factory=dict)
 
 
 def build_method(name: str, n_models: int, options: dict[str, Any] | None = None,
@@ -62,10 +65,11 @@ def build_method(name: str, n_models: int, options: dict[str, Any] | None = None
     return cls(n_models, options, model_options)
 
 
-def _check_roles(m: MergeMethod, n: int, base, fishers, score) -> None:
-    if m.needs_base and base is None:
+def _check_roles(m: MergeMethod, n: int, base, fishers, score, grams=None, objective=None) -> None:
+    uses_base = m.base_use(m.options.model_dump())
+    if uses_base and base is None:
         raise MergeOptionsError(f"{m.name}: works on task vectors and needs a base checkpoint")
-    if not m.needs_base and base is not None:
+    if not uses_base and base is not None:
         raise MergeOptionsError(f"{m.name}: does not use a base checkpoint")
     if m.needs_fisher and fishers is None:
         raise MergeOptionsError(f"{m.name}: needs one Fisher file per checkpoint")
@@ -75,6 +79,10 @@ def _check_roles(m: MergeMethod, n: int, base, fishers, score) -> None:
         raise MergeOptionsError(f"{m.name}: got {len(fishers)} Fisher files for {n} checkpoints")
     if m.needs_score and score is None:
         raise MergeOptionsError(f"{m.name}: needs a score function (validation NDCG@10)")
+    if m.needs_grams and grams is None:
+        raise MergeOptionsError(f"{m.name}: needs a function giving each model's linear-input Gram matrices")
+    if m.needs_objective and objective is None:
+        raise MergeOptionsError(f"{m.name}: needs a differentiable objective of the merged parameters")
 
 
 @contextmanager
@@ -192,11 +200,16 @@ def merge_checkpoints(method: str, checkpoints: Sequence[str | os.PathLike], out
                       weights: Sequence[float] | None = None, options: dict[str, Any] | None = None,
                       base: str | os.PathLike | None = None, fishers: Sequence[str | os.PathLike] | None = None,
                       score: Callable[[dict[str, torch.Tensor]], float] | None = None,
+                      grams: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+                      objective: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
                       progress: Progress = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                       threads: int | None = 1, sha256s: Sequence[str] | None = None,
                       config: dict | None = None) -> MergeResult:
     """Merge `checkpoints` with `method` into the safetensors file `out`; nothing is left at (or beside)
-    `out` unless the whole merge succeeds. `score(state_dict) -> float` is needed by greedy-soup only.
+    `out` unless the whole merge succeeds. The methods that choose on data get it from the caller:
+    `score(state_dict) -> float` (greedy-soup, weight-search; higher is better), `grams(state_dict) ->
+    {linear weight name: XᵀX}` (regmean), `objective(params) -> 0-d tensor` (adamerging; lower is better);
+    see merging/methods/base.py FitInputs, and core/merge_inputs.py for the ones built from a dataset.
     `threads`: torch intra-op threads for the streaming passes (None leaves torch's setting alone; the
     setting is process-wide while the passes run).
     `sha256s`: the digests of the checkpoints (then the base), when the caller already knows them, as a
@@ -212,7 +225,7 @@ def merge_checkpoints(method: str, checkpoints: Sequence[str | os.PathLike], out
     report = progress or (lambda stage, f: None)
     n = len(checkpoints)
     m = build_method(method, n, options, weights)
-    _check_roles(m, n, base, fishers, score)
+    _check_roles(m, n, base, fishers, score, grams, objective)
     out = Path(out)
     inputs = [Path(p) for p in [*checkpoints, *([base] if base else []), *(fishers or [])]]
     for p in inputs:
@@ -229,14 +242,16 @@ def merge_checkpoints(method: str, checkpoints: Sequence[str | os.PathLike], out
         hashed = ings + ([base_ing] if base_ing else [])
         # The digests go into the header, which is written first. Normally the merge pass hashes each input
         # as it reads it front to back, and the header is rewritten at the end (see _finish_hashes). Greedy
-        # soup cannot: it reads its candidates several times, and its last pass reads only the kept ones.
+        # soup cannot: it reads its candidates several times, and its last pass reads only the kept ones; nor
+        # can the methods that fit on whole models before the merge pass.
         if sha256s is not None and (len(sha256s) != len(hashed) or not all(_is_digest(d) for d in sha256s)):
             raise MergeOptionsError(f"sha256s: expected {len(hashed)} sha256 hex digests (the checkpoints, then the "
                                     f"base), got {list(sha256s)!r}")
         given: list[str | None] = list(sha256s) if sha256s is not None else [None] * len(hashed)
         shas = list(given)
         separately = 0  # bytes read by a separate hashing pass
-        if m.needs_score:
+        reads_first = m.needs_score or m.fits
+        if reads_first:
             for k, ing in enumerate(hashed):
                 shas[k] = file_sha256(ing.path)
                 separately += ing.path.stat().st_size
@@ -252,7 +267,10 @@ def merge_checkpoints(method: str, checkpoints: Sequence[str | os.PathLike], out
                 m.set_fisher_norms(_fisher_norms(fisher_readers, chunk_bytes, report))
 
         selection, used = None, ings
-        if m.needs_score:
+        if m.fits:
+            with torch_threads(threads):
+                _fit(m, ings, base_ing, FitInputs(score, grams, objective), report)
+        elif m.needs_score:
             selection = _greedy(m, ings, score, chunk_bytes, report)
             used = [ings[i] for i in selection["kept"]]
 
@@ -275,7 +293,7 @@ def merge_checkpoints(method: str, checkpoints: Sequence[str | os.PathLike], out
         entries = [(name, info.dtype, info.shape) for name, info in ings[0].reader.tensors.items()]
         for r in [i.reader for i in used] + ([base_ing.reader] if base_ing else []) + (fisher_readers or []):
             r.drop_cache = True  # the last pass over the inputs
-        verify = not m.needs_score  # the merge pass hashes every input: digests unknown, or given to check
+        verify = not reads_first  # the merge pass hashes every input: digests unknown, or given to check
         with SafetensorsWriter(out, entries, metadata, provisional=provisional) as writer, torch_threads(threads):
             if verify:
                 for ing in hashed:  # one laid out unlike the first checkpoint is hashed on its own afterwards
@@ -296,7 +314,8 @@ def merge_checkpoints(method: str, checkpoints: Sequence[str | os.PathLike], out
         read = separately + sum(r.bytes_read for r in [i.reader for i in ings] + ([base_ing.reader] if base_ing else [])
                                 + (fisher_readers or []))
     stats = {"fallback_entries": m.fallback_entries, "fallback": m.fallback} if hasattr(m, "fallback_entries") else {}
-    return MergeResult(out, sha, m.name, metadata, read, time.perf_counter() - t0, stats, writer.bytes_reread)
+    return MergeResult(out, sha, m.name, metadata, read, time.perf_counter() - t0, stats, writer.bytes_reread,
+                       m.fitted())
 
 
 _NO_DIGEST = "0" * 64
@@ -342,13 +361,43 @@ def _greedy(m: MergeMethod, ings: list[Ingredient], score, chunk_bytes: int, rep
     return {"individual": individual, "kept": kept, "history": history}
 
 
+def _read_state(reader: SafetensorsReader) -> dict[str, torch.Tensor]:
+    return {name: _checked(reader.read(name), name, reader) for name in reader.tensors}
+
+
+def _fit(m: MergeMethod, ings: list[Ingredient], base: Ingredient | None, inputs: FitInputs, report) -> None:
+    """The whole models in memory (compute dtype), for a method that learns its coefficients from them. A
+    state dict handed to a caller's function holds each tensor in its stored dtype, as the file will."""
+    states = [_read_state(i.reader) for i in ings]
+    base_state = _read_state(base.reader) if base is not None else None
+    dtypes = {name: info.dtype for name, info in ings[0].reader.tensors.items()}
+
+    def stored(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(dtypes[k]) for k, v in state.items()}
+
+    if inputs.score is not None:
+        score = inputs.score
+        inputs.score = lambda state: score(stored(state))
+    if inputs.grams is not None:
+        grams = inputs.grams
+        inputs.grams = lambda state: grams(stored(state))
+    m.fit(states, base_state, inputs, lambda f: report(m.name, f))
+    report(m.name, 1.0)
+
+
 def merge_state_dicts(m: MergeMethod, state_dicts: list[dict[str, torch.Tensor]],
                       base: dict[str, torch.Tensor] | None = None,
                       fishers: list[dict[str, torch.Tensor]] | None = None,
-                      fisher_norms: list[float] | None = None) -> dict[str, torch.Tensor]:
+                      fisher_norms: list[float] | None = None, inputs: FitInputs | None = None,
+                      ) -> dict[str, torch.Tensor]:
     """The same merge, whole tensors in memory: for models that fit in RAM, and the reference the
     streamed result is checked against. `fisher_norms` default to the Fishers' own (merging/fisher_norm.py:
-    the same bits as the streamed merge's)."""
+    the same bits as the streamed merge's). `inputs`: the data functions of a method that fits."""
+    if m.fits:
+        cd = {k: compute_dtype(v.dtype) for k, v in state_dicts[0].items()}
+        base_state = None if base is None else {k: v.to(cd[k]) for k, v in base.items()}
+        m.fit([{k: v.to(cd[k]) for k, v in sd.items()} for sd in state_dicts], base_state, inputs or FitInputs(),
+              lambda f: None)
     if m.needs_fisher_norms:
         m.set_fisher_norms(fisher_norms or [math.sqrt(sq_norm_of_tensors(f)) for f in fishers])
     out = {}

@@ -9,10 +9,11 @@ from merging.methods.greedy_soup import GreedySoup
 from merging.methods.task_arithmetic import TaskArithmetic
 from merging.methods.ties import Ties
 from merging.methods.uniform import Uniform
+from merging.methods.weight_search import WeightSearch
 from merging.methods.weighted import Weighted
 
 METHODS: dict[str, type[MergeMethod]] = {
-    m.name: m for m in (Uniform, Weighted, FisherWeighted, GreedySoup, TaskArithmetic, Ties, Dare)
+    m.name: m for m in (Uniform, Weighted, FisherWeighted, GreedySoup, TaskArithmetic, Ties, Dare, WeightSearch)
 }
 
 

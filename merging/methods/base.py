@@ -8,6 +8,7 @@ merging/merge.py and merging/io.py.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -45,11 +46,32 @@ def _validate(schema: type[BaseModel], values: dict[str, Any], method: str, wher
         return schema.model_validate(values)
     except ValidationError as e:
         err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "?"
+        if not err["loc"]:  # a rule between options (a model validator): its own sentence says it all
+            raise MergeOptionsError(f"{method}: {err['msg'].removeprefix('Value error, ')}") from None
+        loc = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
             known = ", ".join(schema.model_fields) or "none"
-            raise MergeOptionsError(f"{method}: unknown {where} {field!r} (known: {known})") from None
-        raise MergeOptionsError(f"{method}: {where} {field!r}: {err['msg']} (got {err.get('input')!r})") from None
+            raise MergeOptionsError(f"{method}: unknown {where} {loc!r} (known: {known})") from None
+        raise MergeOptionsError(f"{method}: {where} {loc!r}: {err['msg']} (got {err.get('input')!r})") from None
+
+
+Score = Callable[[dict[str, torch.Tensor]], float]
+
+
+@dataclass
+class FitInputs:
+    """What the caller supplies to the methods that learn their coefficients from data (merging/ holds no
+    data code: these are computed by the caller, e.g. core/merge_inputs.py from a prepared dataset).
+
+    score(state_dict) -> float: a validation score of a candidate, higher is better (weight-search).
+    grams(state_dict) -> {linear weight name: G = XᵀX}: each nn.Linear's input Gram matrix (in × in) on a
+        sample of the data, for one model (regmean).
+    objective(params) -> 0-d tensor: a differentiable loss of the merged model's parameters, lower is
+        better (adamerging)."""
+
+    score: Score | None = None
+    grams: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    objective: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
 
 
 class MergeMethod:
@@ -63,6 +85,10 @@ class MergeMethod:
     needs_base: ClassVar[bool] = False
     needs_fisher: ClassVar[bool] = False
     needs_score: ClassVar[bool] = False
+    needs_grams: ClassVar[bool] = False
+    needs_objective: ClassVar[bool] = False
+    # Methods that learn coefficients from the whole models first (`fit`), then merge in one streamed pass.
+    fits: ClassVar[bool] = False
     # Elementwise methods may be fed a tensor in row blocks, so memory need not hold whole tensors.
     elementwise: ClassVar[bool] = True
 
@@ -86,9 +112,28 @@ class MergeMethod:
             return None
         return [mo.weight for mo in self.model_options]
 
+    @classmethod
+    def base_use(cls, options: dict[str, Any]) -> bool:
+        """Whether these (raw, maybe not yet valid) options make the method work on task vectors."""
+        return cls.needs_base
+
+    @classmethod
+    def uses_data(cls) -> bool:
+        """Whether the caller has to read the dataset to supply this method's inputs."""
+        return cls.needs_score or cls.needs_grams or cls.needs_objective
+
     @property
     def needs_fisher_norms(self) -> bool:
         return False
+
+    def fit(self, states: list[dict[str, torch.Tensor]], base: dict[str, torch.Tensor] | None, inputs: FitInputs,
+            progress: Callable[[float], None]) -> None:
+        """Learn what `merge` needs from the whole models (in the compute dtype); only where `fits`."""
+        raise NotImplementedError
+
+    def fitted(self) -> dict[str, Any]:
+        """What `fit` chose, for the MergeResult's stats (describe() records it in the file)."""
+        return {}
 
     def merge(self, x: TensorInputs) -> torch.Tensor:
         raise NotImplementedError

@@ -7,7 +7,7 @@ import torch
 
 from merging.merge import build_method, merge_state_dicts
 from merging.methods import METHODS, MergeOptionsError, get_method
-from merging.methods.base import TensorInputs
+from merging.methods.base import FitInputs, TensorInputs
 from merging.methods.dare import tensor_generator
 from merging.methods.greedy_soup import greedy_select
 
@@ -20,7 +20,8 @@ def run(method, tensors, weights=None, options=None, base=None, fishers=None, na
 
 
 def test_registry_lists_every_method_and_unknown_names_list_them():
-    assert set(METHODS) == {"uniform", "weighted", "fisher", "greedy-soup", "task-arithmetic", "ties", "dare"}
+    assert set(METHODS) == {"uniform", "weighted", "fisher", "greedy-soup", "task-arithmetic", "ties", "dare",
+                            "weight-search"}
     with pytest.raises(MergeOptionsError, match="unknown merge method 'soup'; known: uniform, weighted, fisher"):
         get_method("soup")
 
@@ -186,6 +187,11 @@ def test_options_from_strings_are_converted():
     assert m.options.normalize is True and m.options.epsilon == 1e-3
 
 
+FIT_INPUTS = FitInputs(score=lambda sd: -float(sd["w"].sum()) ** 2,
+                       grams=lambda sd: {"w": torch.eye(5) + 0.1},
+                       objective=lambda params: (params["w"] ** 2).sum())
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_no_method_writes_to_its_inputs(name):
     # merge_state_dicts hands methods the caller's own tensors (float32 inputs are not copied by .to()).
@@ -199,6 +205,10 @@ def test_no_method_writes_to_its_inputs(name):
     m = build_method(name, 3, {"normalize": True} if name == "fisher" else None)
     if name == "fisher":
         m.set_fisher_norms([2.0, 3.0, 4.0])
+    if m.fits:  # learn on other tensors; what is checked is that merging leaves x's alone
+        states = [{"w": torch.randn(6, 5, generator=gen)} for _ in range(3)]
+        base = {"w": torch.randn(6, 5, generator=gen)} if cls.needs_base else None
+        m.fit(states, base, FIT_INPUTS, lambda f: None)
     out = m.merge(x)
     after = [*x.tensors, *([x.base] if x.base is not None else []), *(x.fishers or [])]
     for b, a in zip(before, after):
