@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import httpx
 
-    from app.settings import Settings
+    from core.settings import Settings
 
     work = Path(args.dir).resolve()
     shutil.rmtree(work, ignore_errors=True)

@@ -1,5 +1,5 @@
 """Request and response bodies of the job routes. The requests are the workers' own payload specs
-(workers/specs.py), so what the API accepts is exactly what a task can run. Worker names, broker
+(core/specs.py), so what the API accepts is exactly what a task can run. Worker names, broker
 message ids and scratch paths stay internal."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from workers.specs import MergeSpec, TrainSpec
+from core.specs import MergeSpec, TrainSpec
 
 # The rules between fields (one weight per model, heads dividing hidden, ...) are checked by the specs
 # and answered with 422 before any id is looked up. They are not written into the JSON Schema: spelled

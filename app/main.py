@@ -19,14 +19,14 @@ from app.api import jobs as jobs_api
 from app.api.access import AuthFirst
 from app.api.deps import DOORS
 from app.api.errors import error_response
-from app.db import make_engine, make_sessionmaker
 from app.metrics import Metrics, MetricsMiddleware
 from app.migrate import upgrade
 from app.services.uploads import sweep_uploads
 from app.serving import Recommender
-from app.settings import Settings, get_settings
-from app.store import store_from_settings
 from app.ui import routes as ui
+from core.db import make_engine, make_sessionmaker
+from core.settings import Settings, get_settings
+from core.store import store_from_settings
 
 
 class BodyLimit:

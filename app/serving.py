@@ -23,7 +23,6 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from app.db_models import Dataset, Model
 from app.inference import make_forward
 from app.lru import LRUCache
 from app.metrics import Metrics
@@ -31,8 +30,9 @@ from app.services import events as events_svc
 from app.services.datasets import load_prepared
 from app.services.errors import NotFound
 from app.services.models import resolve
-from app.settings import Settings
-from app.store import Store
+from core.db_models import Dataset, Model
+from core.settings import Settings
+from core.store import Store
 from models.data import PreparedDataset
 from models.errors import DataError
 from models.recommend import check_k

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from app.settings import Settings
+from core import jobs
+from core.settings import Settings
 from models.errors import RecmergeError
-from workers import jobs
 from workers.public_errors import public_error
 from workers.resources import Resources
 

@@ -1,7 +1,7 @@
 """The Celery app: `celery -A workers.celery_app worker -Q gpu` starts a worker.
 
 Reliability comes from the database, not from Celery: a message only says "look at job X"; the job
-row decides whether there is anything to do (workers/jobs.py). Celery's part is not to lose work:
+row decides whether there is anything to do (core/jobs.py). Celery's part is not to lose work:
 acks after the task (a worker that dies mid-task leaves its message to be delivered again), reject
 when the pool process dies, one message per worker at a time (a long training never sits
 reserved behind another). No result backend: results and progress live in the jobs table.
@@ -13,7 +13,7 @@ import logging
 
 from celery import Celery
 
-from app.settings import get_settings
+from core.settings import get_settings
 from workers import attempt, resources
 from workers.tasks import BODIES
 

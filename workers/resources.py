@@ -11,12 +11,12 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-from app.db import make_engine, make_sessionmaker
-from app.db_models import Dataset, Job, Model
-from app.settings import Settings, get_settings
-from app.store import store_from_settings
+from core import jobs
+from core.db import make_engine, make_sessionmaker
+from core.db_models import Dataset, Job, Model
+from core.settings import Settings, get_settings
+from core.store import store_from_settings
 from models.errors import CheckpointError, DataError
-from workers import jobs
 from workers.public_errors import PathLabels
 
 log = logging.getLogger("recmerge.jobs")

@@ -12,7 +12,7 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from app.settings import Settings
+from core.settings import Settings
 from workers import attempt
 from workers.resources import Resources
 from workers.sweeper import Sweeper

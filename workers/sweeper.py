@@ -20,8 +20,8 @@ from datetime import UTC
 
 from sqlalchemy import select
 
-from app.db_models import Job
-from workers import jobs
+from core import jobs
+from core.db_models import Job
 from workers.resources import Resources
 
 log = logging.getLogger("recmerge.sweeper")

@@ -13,12 +13,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db_models import Dataset, Fisher, Model
+from core import jobs
+from core.db_models import Dataset, Fisher, Model
+from core.specs import EvaluateSpec, FisherSpec, MergeSpec, PrepareSpec, TrainSpec
 from models.checkpoint import read_metadata
 from models.errors import DataError, RecmergeError
-from workers import jobs
 from workers.attempt import Attempt, Record
-from workers.specs import EvaluateSpec, FisherSpec, MergeSpec, PrepareSpec, TrainSpec
 
 
 def _spec(cls, payload: dict):
@@ -215,7 +215,7 @@ def merge(a: Attempt) -> Record:
     out = a.workdir / "merged.safetensors"
     score = None
     if spec.method == "greedy-soup":
-        from app.commands.merge import validation_score
+        from core.scoring import validation_score
 
         score = validation_score(ds, read_metadata(paths[0]).backbone, a.res.device)
     config = record_of(spec.method, spec.model_ids, spec.weights, spec.options, spec.base_model_id,

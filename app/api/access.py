@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.settings import Settings
+from core.settings import Settings
 
 WRITE, READ, RECOMMEND = "write", "read", "recommend"
 _VARIABLE = {WRITE: "RECMERGE_API_TOKEN", READ: "RECMERGE_READ_TOKEN", RECOMMEND: "RECMERGE_RECOMMEND_TOKEN"}

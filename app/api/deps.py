@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session
 
 from app.api import access
 from app.serving import Recommender
-from app.settings import Settings
-from app.store import Store
+from core.settings import Settings
+from core.store import Store
 
 
 async def get_settings(request: Request) -> Settings:

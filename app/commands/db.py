@@ -17,7 +17,7 @@ def register(sub) -> None:
 def _target() -> tuple[str, str]:
     from sqlalchemy.engine import make_url
 
-    from app.settings import get_settings
+    from core.settings import get_settings
 
     url = get_settings().DATABASE_URL
     return url, make_url(url).render_as_string(hide_password=True)

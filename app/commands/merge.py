@@ -81,22 +81,6 @@ def _check_dataset(ds, checkpoints: list[str]) -> None:
                                     f"{ds.fingerprint[:16]}")
 
 
-def validation_score(ds, backbone, device=None):
-    """score(state_dict) = full-ranking validation NDCG@10: what greedy-soup ranks and accepts by."""
-    from models.backbone import SeqRecModel
-    from models.evaluate import evaluate
-    from models.train import resolve_device
-
-    device = resolve_device(device)
-    model = SeqRecModel(backbone).to(device).eval()
-
-    def score(state: dict) -> float:
-        model.load_state_dict(state)
-        return evaluate(model, ds, split="valid", protocols=("full",), device=device)["full"]["ndcg@10"]
-
-    return score
-
-
 def _estimate_fishers(args, ds, checkpoints: list[str], settings, origin: str) -> list[str]:
     """Fisher files for the fisher method when none are given, kept beside the output."""
     from app.progress import counting_bar
@@ -307,6 +291,7 @@ def run(args) -> int:
             fishers = _estimate_fishers(args, ds, checkpoints, settings, origin)
         score = None
         if cfg.merge_method == "greedy-soup":
+            from core.scoring import validation_score
             from models.checkpoint import read_metadata
 
             score = validation_score(ds, read_metadata(checkpoints[0]).backbone, args.device)

@@ -15,7 +15,7 @@ def register(sub) -> None:
 def run(args) -> int:
     import uvicorn
 
-    from app.settings import get_settings
+    from core.settings import get_settings
 
     settings = get_settings()
     mode = "embedded (in-process jobs)" if settings.embedded else "broker " + settings.BROKER_URL.split("@")[-1]

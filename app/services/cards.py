@@ -9,10 +9,10 @@ import yaml
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db_models import Job, Model
 from app.services.jobs import job_public
 from app.services.models import get_model
-from app.store import Store
+from core.db_models import Job, Model
+from core.store import Store
 from models.card import CardInput, Ingredient, render_card
 from models.checkpoint import read_metadata
 

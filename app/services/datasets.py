@@ -10,11 +10,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db_models import Dataset
 from app.schemas import DatasetCreate, DatasetUpload
 from app.services.errors import NotFound, ServiceError, Unprocessable
 from app.services.uploads import SavedUpload
-from app.store import Store
+from core.db_models import Dataset
+from core.store import Store
 from models.data import PreparedDataset, prepare_dataset
 from models.errors import RecmergeError
 

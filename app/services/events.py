@@ -8,10 +8,10 @@ from collections.abc import Iterable
 from sqlalchemy import Connection, bindparam, func, select
 from sqlalchemy.orm import Session
 
-from app.db_models import Dataset, Event
 from app.services.datasets import get_dataset
 from app.services.errors import Unprocessable
 from app.services.models import resolve
+from core.db_models import Dataset, Event
 from models.data import PreparedDataset
 from models.errors import DataError
 

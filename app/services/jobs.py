@@ -4,7 +4,7 @@ never work -> 422) before anything is queued, then create the job rows and send 
 A merge job fans out: one Fisher job per ingredient whose Fisher is not cached (method fisher), one
 evaluation job per ingredient not yet scored on the requested protocols (evaluate: true). They run in
 parallel on as many workers as there are; the merge job waits (stage `waiting`) and is sent when the
-last of them ends (workers/jobs.py `release`).
+last of them ends (core/jobs.py `release`).
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db_models import Dataset, Fisher, Job, Model
 from app.job_schemas import JobPublic, MergeJobPublic, ModelMetrics, Progress
 from app.services.errors import Conflict, NotFound, Unprocessable
-from app.store import Store
+from core import jobs
+from core.db_models import Dataset, Fisher, Job, Model
+from core.specs import MergeSpec, TrainSpec
+from core.store import Store
 from models.errors import RecmergeError
-from workers import jobs
-from workers.specs import MergeSpec, TrainSpec
 
 _INTERNAL = ("children", "parent")
 

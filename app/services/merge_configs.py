@@ -1,12 +1,12 @@
-"""POST /merge-jobs takes either the job's own JSON (workers.specs.MergeSpec) or a merge config, the
+"""POST /merge-jobs takes either the job's own JSON (core.specs.MergeSpec) or a merge config, the
 document `recmerge merge --config` reads (merging/config.py), as JSON or YAML. A config names registered
 models by id; the job fields that are not part of a merge recipe (name, evaluate, finetune_epochs,
 protocols) may sit beside it."""
 
 from __future__ import annotations
 
+from core.specs import MergeSpec
 from merging.config import FISHER_FILE, ConfigError, load_document, parse_config
-from workers.specs import MergeSpec
 
 JOB_FIELDS = ("name", "evaluate", "finetune_epochs", "protocols")
 MAX_DOCUMENT_BYTES = 256 * 1024  # a config is a few hundred bytes; YAML is not parsed beyond this

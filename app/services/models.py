@@ -6,8 +6,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db_models import Alias, Model
 from app.services.errors import NotFound
+from core.db_models import Alias, Model
 
 
 def list_models(session: Session, kind: str | None = None, dataset_id: str | None = None) -> list[Model]:

@@ -9,11 +9,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db_models import Model
 from app.services.datasets import get_dataset
 from app.services.errors import BadFile, Unprocessable
 from app.services.uploads import SavedUpload
-from app.store import Store
+from core.db_models import Model
+from core.store import Store
 from models.admission import MAX_HEADER_BYTES
 from models.checkpoint import admit, check_safetensors_file, load_model
 from models.errors import RecmergeError

@@ -1,5 +1,5 @@
 """The thesis figures of one stored model as PNG files, drawn by the same functions as `recmerge plot`
-(app/commands/plot.py, app/model_figures.py) and kept in a cache under DATA_DIR keyed by every input's
+(app/plots.py) and kept in a cache under DATA_DIR keyed by every input's
 sha256, so a figure is drawn once per set of inputs."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from app.db_models import Dataset, Model
 from app.services.errors import NotFound
 from app.services.uploads import safe_filename
-from app.store import Store
+from core.db_models import Dataset, Model
+from core.store import Store
 
 TITLES = {"top-probs": "Top-50 next-item probabilities of ten test sequences",
           "merge-plane": "The merged model on the plane of its three ingredients",
@@ -57,7 +57,7 @@ def inputs(session: Session, store: Store, m: Model, lin: dict, name: str) -> In
     ds = session.get(Dataset, m.dataset_id)
     if name == "top-probs":
         def draw(work: Path) -> Path:
-            from app.model_figures import fig_top_probs
+            from app.plots import fig_top_probs
 
             return fig_top_probs([_named(store, work, m)], str(store.get_dir(ds.fingerprint)), work)
 
@@ -70,7 +70,7 @@ def inputs(session: Session, store: Store, m: Model, lin: dict, name: str) -> In
         fishers = fishers if None not in fishers else []  # posterior clouds only when all three have one
 
         def draw(work: Path) -> Path:
-            from app.model_figures import fig_merge_plane
+            from app.plots import fig_merge_plane
 
             paths = [_named(store, work, r) for r in rows]
             fisher_paths = [str(store.path_for(f.sha256)) for f in fishers]
@@ -84,7 +84,7 @@ def inputs(session: Session, store: Store, m: Model, lin: dict, name: str) -> In
                                      "(recmerge plot draws it from the log beside a checkpoint trained by the CLI)")
 
         def draw(work: Path) -> Path:
-            from app.commands.plot import FIGURES, Log, NoData
+            from app.plots import FIGURES, Log, NoData
 
             log = work / f"{safe_filename(m.name, 'model')}.log.json"
             log.symlink_to(store.path_for(log_sha))

@@ -97,9 +97,9 @@ def part_job(request: Request, job_id: str, session: SessionDep):
 
 @router.get("/part/merge", dependencies=[ReadAccess], response_class=HTMLResponse)
 def part_merge(request: Request, session: SessionDep):
+    from core.specs import DEFAULT_FISHER
     from merging.fisher import FisherSettings
     from merging.methods import METHODS
-    from workers.specs import DEFAULT_FISHER
 
     sampling = FisherSettings.model_fields["sampling"].annotation.__args__
     return _part(request, "merge", models=views.all_models(session), datasets=views.datasets(session),

@@ -6,11 +6,11 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db_models import Alias, Dataset, Fisher, Job, Model
 from app.services import cards, jobs
 from app.services.models import get_model
-from app.store import Store
 from app.ui import markdown
+from core.db_models import Alias, Dataset, Fisher, Job, Model
+from core.store import Store
 from models.card import COLUMNS
 
 # The metric the bar chart compares: the one model cards lead with.

@@ -10,9 +10,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from app.db_models import Base
 from app.main import create_app
-from app.settings import Settings
+from core.db_models import Base
+from core.settings import Settings
 from models.backbone import SeqRecModel
 from models.checkpoint import CheckpointMeta, save_checkpoint
 from models.config import BackboneConfig

@@ -155,8 +155,8 @@ def _alias_over_two_models(make_service, tmp_path, ttl: float):
 
 def _switch_in_another_process(svc, name: str, model_id: str) -> None:
     """What another API process on the same database does: its own engine, its own session."""
-    from app.db import make_engine, make_sessionmaker
     from app.services.models import set_alias
+    from core.db import make_engine, make_sessionmaker
 
     with make_sessionmaker(make_engine(svc.app.state.settings.DATABASE_URL))() as s:
         set_alias(s, name, model_id)

@@ -14,7 +14,7 @@ import pytest
 
 from app.inference import ForwardFailed, ForwardProcess, LocalForward, _child, make_forward
 from app.serving import MicroBatcher
-from app.settings import Settings
+from core.settings import Settings
 from models.errors import DataError
 from tests.app.conftest import checkpoint_bytes
 

@@ -6,8 +6,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
-from app.db_models import Base
 from app.migrate import current, upgrade
+from core.db_models import Base
 
 TABLES = {"datasets", "models", "aliases", "jobs", "fishers", "events", "alembic_version"}
 

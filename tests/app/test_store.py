@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from app.store import LocalStore, S3Store, open_store
+from core.store import LocalStore, S3Store, open_store
 
 
 @pytest.fixture(params=["local", "s3"])

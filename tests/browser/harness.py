@@ -24,7 +24,7 @@ def launch(playwright):
 
 
 def settings_for(root: Path, **overrides):
-    from app.settings import Settings
+    from core.settings import Settings
 
     # Every field the environment could set is given, so a developer's RECMERGE_* never leaks in.
     base = dict(DATA_DIR=root, BROKER_URL=None, DATABASE_URL="", STORE_URL="", API_TOKEN=None, READ_TOKEN=None,
@@ -75,7 +75,7 @@ def write_titled_source(folder: Path, n_users: int = 60, n_items: int = 40, seed
 
 def register_dataset(app, source: Path, name: str = "films") -> dict:
     """Prepare a dataset and register it as the prepare job would: its directory in the store, its row."""
-    from app.db_models import Dataset
+    from core.db_models import Dataset
     from models.data import prepare_dataset
 
     ds = prepare_dataset(source, source.parent / "prepared")

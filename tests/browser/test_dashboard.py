@@ -92,7 +92,7 @@ def test_upload_merge_watch_model_recommend(browser, tmp_path):
         expect(page).to_have_url(f"{base}/ui/merge")
         watch.expected(r"HTTP 422: POST .*/merge-jobs$", r"console: .*422")
         with app.state.sessions() as s:
-            from app.db_models import Job
+            from core.db_models import Job
 
             assert s.query(Job).count() == 0
 

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import yaml
 
-from app.settings import Settings
+from core.settings import Settings
 from tests.e2e.compose import COMPOSE, ROOT
 from workers.celery_app import QUEUE
 

@@ -7,8 +7,8 @@ import time
 import pytest
 
 from app.migrate import upgrade
-from app.settings import Settings
-from workers import jobs
+from core import jobs
+from core.settings import Settings
 from workers.runner import Background
 
 

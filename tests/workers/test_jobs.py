@@ -7,8 +7,8 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select, update
 
-from app.db_models import Dataset, Job, Model
-from workers import jobs
+from core import jobs
+from core.db_models import Dataset, Job, Model
 
 
 @pytest.fixture

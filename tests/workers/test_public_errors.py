@@ -6,13 +6,13 @@ from dataclasses import asdict
 
 import torch
 
-from app.db_models import Dataset, Model
+from core import jobs
+from core.db_models import Dataset, Model
 from models.backbone import SeqRecModel
 from models.checkpoint import CheckpointMeta, save_checkpoint
 from models.config import BackboneConfig
 from tests.synthetic import make_planted_dataset
 from tests.workers.conftest import submit, wait
-from workers import jobs
 from workers.public_errors import public_error
 
 

@@ -8,13 +8,13 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select, update
 
-from app.db_models import Dataset, Job, Model
+from core import jobs
+from core.db_models import Dataset, Job, Model
 from models.errors import RecmergeError
 from models.recipes import recipe_options
 from tests.conftest_services import s3_endpoint  # noqa: F401
 from tests.synthetic import make_planted_dataset
 from tests.workers.conftest import submit, wait
-from workers import jobs
 from workers.sweeper import sweep_once
 
 TINY = {"hidden": 16, "layers": 1, "heads": 1, "inner": 32, "max_len": 20, "batch_size": 64, "epochs": 1}
@@ -160,8 +160,8 @@ def test_shutdown_hands_the_running_job_back_and_the_next_process_finishes_it(bg
 def test_jobs_on_an_s3_store(tmp_path, s3_endpoint):  # noqa: F811
     """Workers on other machines share artifacts through S3: the same bodies read and write there."""
     from app.migrate import upgrade
-    from app.settings import Settings
-    from app.store import S3Store
+    from core.settings import Settings
+    from core.store import S3Store
     from workers.runner import Background
 
     settings = Settings(DATA_DIR=tmp_path / "svc", BROKER_URL=None, DATABASE_URL="",
@@ -186,7 +186,7 @@ def test_jobs_on_an_s3_store(tmp_path, s3_endpoint):  # noqa: F811
 
 def _merge(res, spec: dict) -> Job:
     from app.services.jobs import submit_merge
-    from workers.specs import MergeSpec
+    from core.specs import MergeSpec
 
     with res.session() as s:
         job, send = submit_merge(s, MergeSpec(**spec), store=res.store)
@@ -197,7 +197,7 @@ def _merge(res, spec: dict) -> Job:
 
 
 def test_fisher_merge_fans_out_and_a_lost_fisher_file_is_computed_again(bg, dataset_id):
-    from app.db_models import Fisher
+    from core.db_models import Fisher
 
     models = [wait(bg.res, submit(bg.res, "train", {"dataset_id": dataset_id, **TINY, "seed": i})).result["model_id"]
               for i in (1, 2)]

@@ -25,7 +25,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db_models import Job, Model
+from core.db_models import Job, Model
 
 KINDS = ("prepare", "train", "fisher", "merge", "evaluate")
 TERMINAL = ("succeeded", "failed", "cancelled")
