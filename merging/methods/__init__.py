@@ -6,6 +6,7 @@ from merging.methods.base import MergeMethod, MergeOptionsError
 from merging.methods.dare import Dare
 from merging.methods.fisher_weighted import FisherWeighted
 from merging.methods.greedy_soup import GreedySoup
+from merging.methods.regmean import RegMean
 from merging.methods.task_arithmetic import TaskArithmetic
 from merging.methods.ties import Ties
 from merging.methods.uniform import Uniform
@@ -13,7 +14,8 @@ from merging.methods.weight_search import WeightSearch
 from merging.methods.weighted import Weighted
 
 METHODS: dict[str, type[MergeMethod]] = {
-    m.name: m for m in (Uniform, Weighted, FisherWeighted, GreedySoup, TaskArithmetic, Ties, Dare, WeightSearch)
+    m.name: m for m in (Uniform, Weighted, FisherWeighted, GreedySoup, TaskArithmetic, Ties, Dare,
+                        WeightSearch, RegMean)
 }
 
 
