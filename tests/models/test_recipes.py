@@ -67,7 +67,7 @@ def test_recipe_learns_the_planted_rule(planted, popularity_ndcg, tmp_path, reci
 
     # The checkpoint records the recipe and its options, and holds backbone tensors only (no g).
     assert meta.recipe["name"] == recipe and meta.recipe["similarity"] == "cos"
-    assert meta.recipe["cl_weight"] == 0.1 and meta.backbone.kind == backbone
+    assert meta.recipe["cl_weight"] == recipe_options(recipe).cl_weight and meta.backbone.kind == backbone
     tensors, _ = load_checkpoint(res.checkpoint)
     assert set(tensors) == set(SeqRecModel(meta.backbone).state_dict())
 
