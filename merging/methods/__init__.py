@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from merging.methods.adamerging import AdaMerging
 from merging.methods.base import MergeMethod, MergeOptionsError
 from merging.methods.dare import Dare
 from merging.methods.fisher_weighted import FisherWeighted
@@ -15,7 +16,7 @@ from merging.methods.weighted import Weighted
 
 METHODS: dict[str, type[MergeMethod]] = {
     m.name: m for m in (Uniform, Weighted, FisherWeighted, GreedySoup, TaskArithmetic, Ties, Dare,
-                        WeightSearch, RegMean)
+                        WeightSearch, RegMean, AdaMerging)
 }
 
 

@@ -21,7 +21,7 @@ def run(method, tensors, weights=None, options=None, base=None, fishers=None, na
 
 def test_registry_lists_every_method_and_unknown_names_list_them():
     assert set(METHODS) == {"uniform", "weighted", "fisher", "greedy-soup", "task-arithmetic", "ties", "dare",
-                            "weight-search", "regmean"}
+                            "weight-search", "regmean", "adamerging"}
     with pytest.raises(MergeOptionsError, match="unknown merge method 'soup'; known: uniform, weighted, fisher"):
         get_method("soup")
 
