@@ -35,9 +35,9 @@ def wait_job(client: httpx.Client, path: str, timeout: float = 45.0, until=TERMI
         time.sleep(0.1)
 
 
-def upload_dataset(client: httpx.Client, tmp: Path) -> tuple[str, object]:
+def upload_dataset(client: httpx.Client, tmp: Path, n_users: int = 120) -> tuple[str, object]:
     """(dataset id, the same dataset prepared locally — for training a recipe outside the service)."""
-    local = make_planted_dataset(tmp / "raw", n_users=120, n_items=30)
+    local = make_planted_dataset(tmp / "raw", n_users=n_users, n_items=30)
     with open(tmp / "raw" / "planted.txt", "rb") as f:
         ds = ok(client.post("/datasets", files={"file": ("planted.txt", f)},
                             data={"name": "planted", "format": "sasrec"}), 201)
@@ -63,6 +63,28 @@ def upload_recipe(client: httpx.Client, local_ds, tmp: Path, dataset_id: str, na
         row = ok(client.post("/recipes", files={"file": (f"{name}.safetensors", f)},
                              data={"name": name, "dataset_id": dataset_id}), 201)
     assert row["sha256"] == out.sha256 and row["kind"] == "recipe"
+    return row["id"]
+
+
+def upload_untrained(client: httpx.Client, local_ds, tmp: Path, dataset_id: str, name: str, seed: int) -> str:
+    """A recipe registered from a random initialisation: an ingredient without a training run, for tests
+    about the jobs around a merge rather than its quality."""
+    import torch
+
+    from models.backbone import SeqRecModel
+    from models.checkpoint import CheckpointMeta, save_checkpoint
+    from models.config import BackboneConfig
+
+    shape = {k: TINY[k] for k in ("hidden", "layers", "heads", "inner", "max_len")}
+    cfg = BackboneConfig(n_items=local_ds.n_items, **shape)
+    torch.manual_seed(seed)
+    path = tmp / f"{name}.safetensors"
+    save_checkpoint(path, SeqRecModel(cfg).state_dict(),
+                    CheckpointMeta(backbone=cfg, recipe={"name": "bert4rec"}, dataset_fingerprint=local_ds.fingerprint,
+                                   n_items=local_ds.n_items))
+    with open(path, "rb") as f:
+        row = ok(client.post("/recipes", files={"file": (path.name, f)},
+                             data={"name": name, "dataset_id": dataset_id}), 201)
     return row["id"]
 
 

@@ -6,6 +6,7 @@ fails it when RECMERGE_REQUIRE_SERVICES=1 (CI).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -103,6 +104,18 @@ def migrate(env: dict, log: Path) -> None:
     done = subprocess.run(command("migrate"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     log.write_text(done.stdout + done.stderr)
     assert done.returncode == 0, done.stderr
+
+
+def store_is_clean(data_dir: Path) -> list[str]:
+    """Every stored object is whole: named by the sha256 of its bytes, no temporary leftovers."""
+    objects = data_dir / "store" / "objects"
+    names = []
+    for f in objects.rglob("*"):
+        if f.is_file():
+            assert not f.name.startswith("."), f"temporary file left in the store: {f}"
+            assert hashlib.sha256(f.read_bytes()).hexdigest() == f.name, f"partial object {f}"
+            names.append(f.name)
+    return names
 
 
 def start_api(env: dict, tmp: Path) -> tuple[Proc, httpx.Client]:

@@ -3,29 +3,15 @@ a worker SIGKILLed in the middle of a merge job, and Redis restarted (losing its
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
 
-from tests.conftest_services import RedisServer
 from tests.e2e.flow import TINY, ok, upload_dataset, upload_recipe, wait_job
-from tests.e2e.services import migrate, service_env, start_api, start_worker, wait_for
+from tests.e2e.services import start_api, start_worker, store_is_clean, wait_for
 from workers.celery_app import CeleryDispatcher, make_celery
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
-
-
-def _store_is_clean(data_dir: Path) -> list[str]:
-    """Every stored object is whole: named by the sha256 of its bytes, no temporary leftovers."""
-    objects = data_dir / "store" / "objects"
-    names = []
-    for f in objects.rglob("*"):
-        if f.is_file():
-            assert not f.name.startswith("."), f"temporary file left in the store: {f}"
-            assert hashlib.sha256(f.read_bytes()).hexdigest() == f.name, f"partial object {f}"
-            names.append(f.name)
-    return names
 
 
 def _message_id(database_url: str, job_id: str) -> str:
@@ -36,18 +22,6 @@ def _message_id(database_url: str, job_id: str) -> str:
         mid = c.execute(text("SELECT celery_id FROM jobs WHERE id = :id"), {"id": job_id}).scalar_one()
     engine.dispose()
     return mid
-
-
-@pytest.fixture
-def services(tmp_path, postgres_url):
-    """(env, redis) for a fresh database and a private redis-server; processes are the test's own."""
-    redis = RedisServer(tmp_path / "redis").start()
-    env = service_env(tmp_path, postgres_url, redis.url)
-    migrate(env, tmp_path / "migrate.log")
-    try:
-        yield env, redis
-    finally:
-        redis.stop()
 
 
 def test_worker_killed_mid_merge_job_is_finished_by_another_once(services, tmp_path):
@@ -75,7 +49,7 @@ def test_worker_killed_mid_merge_job_is_finished_by_another_once(services, tmp_p
         merged = ok(client.get("/models", params={"kind": "merged"}))
         assert [m["id"] for m in merged] == [done["result_model_id"]]
         assert merged[0]["merge"]["finetune"]["epochs"] == 20
-        stored = _store_is_clean(Path(env["RECMERGE_DATA_DIR"]))
+        stored = store_is_clean(Path(env["RECMERGE_DATA_DIR"]))
         assert merged[0]["sha256"] in stored
         leftovers = list((Path(env["RECMERGE_DATA_DIR"]) / "tmp" / "jobs").glob(f"{job['id']}.*"))
         assert leftovers == []  # the killed attempt's scratch files went with the new attempt
