@@ -213,15 +213,14 @@ def merge(a: Attempt) -> Record:
                 fishers.append(a.res.store.path_for(f.sha256))
     steps = 1 + bool(spec.finetune_epochs) + spec.evaluate
     out = a.workdir / "merged.safetensors"
-    score = None
-    if spec.method == "greedy-soup":
-        from core.scoring import validation_score
+    from core.merge_inputs import merge_inputs
 
-        score = validation_score(ds, read_metadata(paths[0]).backbone, a.res.device)
+    # greedy-soup and weight-search get a validation score, regmean Gram matrices, adamerging an objective
+    data_fns = merge_inputs(spec.method, spec.options, ds, read_metadata(paths[0]).backbone, a.res.device)
     config = record_of(spec.method, spec.model_ids, spec.weights, spec.options, spec.base_model_id,
                        spec.fisher.model_dump() if spec.fisher is not None else None)
     merged = merge_checkpoints(spec.method, list(paths), out, weights=spec.weights, options=spec.options,
-                               base=base, fishers=fishers, score=score, progress=a.scaled(0.0, 1 / steps),
+                               base=base, fishers=fishers, progress=a.scaled(0.0, 1 / steps), **data_fns,
                                # the store names files by their sha256: the merge checks them as it reads
                                sha256s=[r.sha256 for r in rows] + ([base_row.sha256] if base_row else []),
                                config=config)
@@ -237,7 +236,8 @@ def merge(a: Attempt) -> Record:
     fields = _model_fields(a, out, sha, "merged", name, ds_row.id, metrics)
 
     def record(s: Session) -> dict:
-        return _result_for(jobs.register_model(s, **fields))
+        # What a method chose on data (every candidate's validation score, the learned coefficients).
+        return _result_for(jobs.register_model(s, **fields)) | merged.fitted
 
     return record
 

@@ -1,6 +1,7 @@
 """`recmerge merge --method METHOD CKPT... --out M.safetensors` or `recmerge merge --config merge.yaml --out
 M.safetensors`: merge checkpoints with any registered method (uniform, weighted, fisher, greedy-soup,
-task-arithmetic, ties, dare), streamed tensor by tensor; optionally fine-tune the merge and print its
+task-arithmetic, ties, dare, and the ones that choose on data: weight-search, regmean, adamerging), streamed
+tensor by tensor; optionally fine-tune the merge and print its
 metrics beside each ingredient's. Flags are turned into the same config document a file holds
 (merging/config.py); the merged file records it, and a Markdown model card is written beside it."""
 
@@ -13,7 +14,8 @@ from pathlib import Path
 
 def register(sub) -> None:
     p = sub.add_parser("merge", help="merge checkpoints (uniform, weighted, fisher, greedy-soup, task-arithmetic, "
-                                     "ties, dare)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     "ties, dare, weight-search, regmean, adamerging)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoints", nargs="*", metavar="CKPT", help="ingredient checkpoints (.safetensors)")
     p.add_argument("--config", help="a merge config (YAML or JSON; see docs/examples/), or a merged checkpoint "
                                     "whose recorded config is run again; replaces CKPT and the merge flags")
@@ -22,18 +24,19 @@ def register(sub) -> None:
     p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per checkpoint (w_i or λ_i)")
     p.add_argument("--fisher", nargs="+", metavar="F",
                    help="one Fisher file per checkpoint (fisher method; estimated from --data when omitted)")
-    p.add_argument("--base", help="base checkpoint for task-vector methods (task-arithmetic, ties, dare)")
+    p.add_argument("--base", help="base checkpoint for task-vector methods (task-arithmetic, ties, dare, adamerging, "
+                                  "weight-search with combine=task-vectors)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, repeatable: normalize=true, epsilon=1e-8, alpha=0.5, density=0.2, "
-                        "p=0.9, seed=1, combine=ties")
+                        "p=0.9, seed=1, combine=ties, grid=51, combine=task-vectors, users=1000, steps=20")
     p.add_argument("--fisher-setting", action="append", default=[], metavar="KEY=VALUE",
                    help="Fisher estimation setting when --fisher is omitted, repeatable (default sampling=topk, "
                         "n=10, max_users=4000, chosen to finish in minutes on ~30,000 users; e.g. sampling=exact, "
                         "n=30, computation=batchwise, max_users=all); the files are kept as "
                         "<out>.fisherN.safetensors")
     p.add_argument("--fisher-cache-dir", help="reuse Fishers estimated with the same checkpoint, data and settings")
-    p.add_argument("--data", help="prepared dataset: needed by greedy-soup, --evaluate, --finetune-epochs "
-                                  "and Fisher estimation")
+    p.add_argument("--data", help="prepared dataset: needed by greedy-soup, weight-search, regmean, adamerging, "
+                                  "--evaluate, --finetune-epochs and Fisher estimation")
     p.add_argument("--evaluate", action="store_true",
                    help="print the merged model's validation and test metrics beside each ingredient's")
     p.add_argument("--eval-cache-dir",
@@ -269,7 +272,7 @@ def run(args) -> int:
     cfg = parse_config(doc, args.config or "merge", needs_files=True)
     checkpoints = [m.model for m in cfg.models]
     settings = cfg.fisher_settings()
-    needs_data = [why for cond, why in [(cfg.merge_method == "greedy-soup", "greedy-soup"),
+    needs_data = [why for cond, why in [(cfg.method.uses_data(), cfg.merge_method),
                                         (settings is not None, "fisher without Fisher files"),
                                         (args.finetune_epochs, "--finetune-epochs"), (args.evaluate, "--evaluate")]
                   if cond]
@@ -289,16 +292,17 @@ def run(args) -> int:
             origin = "defaults" if not cfg.fisher else (
                 "defaults, overridden by " + ("the config" if args.config else "--fisher-setting"))
             fishers = _estimate_fishers(args, ds, checkpoints, settings, origin)
-        score = None
-        if cfg.merge_method == "greedy-soup":
-            from core.scoring import validation_score
+        data_fns = {}
+        if cfg.method.uses_data():  # the score, Gram matrices or objective the method chooses its merge by
+            from core.merge_inputs import merge_inputs
             from models.checkpoint import read_metadata
 
-            score = validation_score(ds, read_metadata(checkpoints[0]).backbone, args.device)
+            data_fns = merge_inputs(cfg.merge_method, cfg.parameters, ds, read_metadata(checkpoints[0]).backbone,
+                                    args.device)
         merged = out.with_name(out.name.removesuffix(".safetensors") + ".raw.safetensors") \
             if args.finetune_epochs else out
         res = merge_checkpoints(cfg.merge_method, checkpoints, merged, weights=cfg.weights, options=cfg.parameters,
-                                base=cfg.base_model, fishers=fishers, score=score, progress=progress,
+                                base=cfg.base_model, fishers=fishers, progress=progress, **data_fns,
                                 config=cfg.record())
     finally:
         close()
@@ -313,6 +317,10 @@ def run(args) -> int:
         b = read_metadata(checkpoints[0]).backbone
         print(fallback_summary(res.stats["fallback"], res.stats["fallback_entries"],
                                float(merge_meta.get("options", {}).get("epsilon", 0.0)), b.n_items, b.kind))
+    if "search" in merge_meta:
+        sr = merge_meta["search"]
+        print(f"weight-search: {len(sr['candidates'])} candidates scored; best validation score {sr['score']:.4f} "
+              f"with coefficients {', '.join(f'{c:.4g}' for c in sr['coefficients'])}")
     if "selection" in merge_meta:
         sel = merge_meta["selection"]
         print("greedy-soup kept " + ", ".join(checkpoints[i] for i in sel["kept"]))

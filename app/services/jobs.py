@@ -69,9 +69,10 @@ def _check_merge(session: Session, spec: MergeSpec) -> tuple[list[Model], Model 
         cls = get_method(spec.method)
     except RecmergeError as e:
         raise Unprocessable(str(e)) from None
-    if cls.needs_base and spec.base_model_id is None:
+    uses_base = cls.base_use(spec.options)  # weight-search: as its option `combine` says
+    if uses_base and spec.base_model_id is None:
         raise Unprocessable(f"base_model_id: method {spec.method!r} works on task vectors and needs a base model")
-    if not cls.needs_base and spec.base_model_id is not None:
+    if not uses_base and spec.base_model_id is not None:
         raise Unprocessable(f"base_model_id: method {spec.method!r} does not use a base model")
     rows = [_model(session, m, "model_ids") for m in spec.model_ids]
     base = _model(session, spec.base_model_id, "base_model_id") if spec.base_model_id else None
