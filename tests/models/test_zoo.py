@@ -41,7 +41,7 @@ def test_manifest_figures_are_what_evaluate_gives(entry, datasets):
         pytest.skip(f"../shared/data/{entry['dataset']} is absent")
     ds = datasets[entry["dataset"]]
     model, _ = load_model(ROOT / entry["file"])
-    for split in ("valid", "test"):
-        got = evaluate(model, ds, split=split, protocols=("full",))["full"]
-        want = {k: v[0] for k, v in entry["metrics"][split]["full"].items()}
-        assert got == pytest.approx(want, abs=1e-6), (entry["name"], split)
+    # Test only: the acceptance figure, and each zoo model costs ~10 s of CI per split on ml-1m.
+    got = evaluate(model, ds, split="test", protocols=("full",))["full"]
+    want = {k: v[0] for k, v in entry["metrics"]["test"]["full"].items()}
+    assert got == pytest.approx(want, abs=1e-6), entry["name"]
