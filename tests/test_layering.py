@@ -71,6 +71,17 @@ def _under(name: str, package: str) -> bool:
     return name == package or name.startswith(package + ".")
 
 
+def _offences(files: list[Path], forbidden) -> list[str]:
+    """One line per offending import statement, naming the module it reaches (its shortest forbidden name)."""
+    found = {}
+    for p in files:
+        for line, name in _imports(p):
+            if forbidden(name):
+                key = (str(p.relative_to(ROOT)), line)
+                found[key] = min(found.get(key, name), name, key=len)
+    return [f"{f}:{line} imports {name}" for (f, line), name in sorted(found.items())]
+
+
 def _sources() -> list[Path]:
     return sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
 
@@ -83,20 +94,15 @@ def test_every_floor_has_sources():
 
 @pytest.mark.parametrize("floor", sorted(FORBIDDEN))
 def test_floor_imports_nothing_above_it(floor):
-    bad = [f"{p.relative_to(ROOT)}:{line} imports {name}"
-           for p in sorted((ROOT / floor).rglob("*.py"))
-           for line, name in _imports(p)
-           if any(_under(name, above) for above in FORBIDDEN[floor])]
+    bad = _offences(sorted((ROOT / floor).rglob("*.py")),
+                    lambda name: any(_under(name, above) for above in FORBIDDEN[floor]))
     assert not bad, f"{floor}/ must not import {', '.join(FORBIDDEN[floor])}:\n" + "\n".join(bad)
 
 
 def test_only_the_cli_imports_commands():
     allowed = {ROOT / "app" / "cli.py"}
-    bad = [f"{p.relative_to(ROOT)}:{line} imports {name}"
-           for p in _sources()
-           if p not in allowed and not p.is_relative_to(ROOT / "app" / "commands")
-           for line, name in _imports(p)
-           if _under(name, COMMANDS)]
+    files = [p for p in _sources() if p not in allowed and not p.is_relative_to(ROOT / "app" / "commands")]
+    bad = _offences(files, lambda name: _under(name, COMMANDS))
     assert not bad, "library code imports a CLI command module:\n" + "\n".join(bad)
 
 
