@@ -27,6 +27,8 @@ def _option_fields() -> dict[str, tuple[type, str, set[str]]]:
     for rname, cls in RECIPES.items():
         for fname, info in cls.Options.model_fields.items():
             ann = info.annotation
+            if type(None) in typing.get_args(ann):  # `X | None`: None is the default, the flag gives an X
+                ann = next(a for a in typing.get_args(ann) if a is not type(None))
             if typing.get_origin(ann) is typing.Literal:
                 ann = type(typing.get_args(ann)[0])
             if ann not in _SCALARS:

@@ -13,10 +13,10 @@ from models.recipes.contrastive import ContrastiveOptions, ContrastiveRecipe, en
 
 class CL4SRecOptions(ContrastiveOptions):
     # Chosen on ml-1m validation in the fine-tune setting (docs/results/accuracy-ml-1m.md, option sweep):
-    # λ 0.1 with dot/τ 1 pulled a converged sasrec from 0.158 to 0.146; λ 0.02 with cos/τ 0.2 kept 0.156.
+    # λ 0.1 with dot/τ 1 pulled a converged sasrec from 0.158 to 0.146; λ 0.02 with cos (τ 0.2) kept 0.156.
     cl_weight: float = Field(0.02, ge=0, description="λ, weight of the contrastive (InfoNCE) loss")
-    temperature: float = Field(0.2, gt=0, description="τ, InfoNCE temperature")
-    similarity: Literal["dot", "cos"] = Field("cos", description="similarity of sequence representations: dot|cos")
+    similarity: Literal["auto", "dot", "cos"] = Field(
+        "cos", description="similarity of sequence representations: dot|cos (auto: dot for sasrec, cos for bert4rec)")
     crop_eta: float = Field(0.6, gt=0, le=1, description="η: a crop keeps ⌊η·n⌋ contiguous items")
     mask_gamma: float = Field(0.3, ge=0, le=1, description="γ: a mask hides ⌊γ·n⌋ items behind [MASK]")
     reorder_beta: float = Field(0.6, ge=0, le=1, description="β: a reorder shuffles ⌊β·n⌋ contiguous items")

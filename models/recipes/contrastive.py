@@ -24,8 +24,13 @@ from models.recipes.base import Recipe, RecipeOptions, TrainBatch
 
 class ContrastiveOptions(RecipeOptions):
     cl_weight: float = Field(0.1, ge=0, description="λ, weight of the contrastive (InfoNCE) loss")
-    temperature: float = Field(1.0, gt=0, description="τ, InfoNCE temperature")
-    similarity: Literal["dot", "cos"] = Field("dot", description="similarity of sequence representations: dot|cos")
+    # "auto" and None follow the backbone: on ml-1m a converged bert4rec collapsed under dot similarity
+    # at τ 1 (validation 0.120 -> 0.078 in one fine-tune epoch) and held under cos at τ 0.2 (0.119), while
+    # sasrec did best with dot (docs/results/accuracy-ml-1m.md, option sweep).
+    temperature: float | None = Field(None, gt=0, description="τ, InfoNCE temperature (default: 1 with dot "
+                                                               "similarity, 0.2 with cos)")
+    similarity: Literal["auto", "dot", "cos"] = Field(
+        "auto", description="similarity of sequence representations: dot|cos (auto: dot for sasrec, cos for bert4rec)")
     mask_false_negatives: bool = Field(False, description="drop in-batch views with the same target item "
                                                           "from the negatives")
     quantile: float = Field(0.9, gt=0, lt=1, description="q of SimThres: k_stat is the q-quantile of in-batch "
@@ -47,6 +52,10 @@ def candidate_negatives(n_views: int, device=None) -> torch.Tensor:
     """(2N, 2N) bool, True where view j is a negative of view i: neither i itself nor i's pair."""
     idx = torch.arange(n_views, device=device)
     return (idx[:, None] != idx[None]) & (pair_index(n_views, device)[:, None] != idx[None])
+
+
+def resolved_similarity(option: str, backbone: str) -> str:
+    return option if option != "auto" else ("dot" if backbone == "sasrec" else "cos")
 
 
 def similarity(z: torch.Tensor, kind: str) -> torch.Tensor:  # (2N, D) -> (2N, 2N)
@@ -221,7 +230,9 @@ class ContrastiveRecipe(Recipe):
 
     def __init__(self, options: ContrastiveOptions, model: SeqRecModel):
         super().__init__(options, model)
-        r = options.hist_range or (1.0 if options.similarity == "cos" else float(model.cfg.hidden))
+        self.similarity = resolved_similarity(options.similarity, model.cfg.kind)
+        self.temperature = options.temperature or (0.2 if self.similarity == "cos" else 1.0)
+        r = options.hist_range or (1.0 if self.similarity == "cos" else float(model.cfg.hidden))
         self.k_stat = SimThres(options.quantile)
         self.hist = SimilarityHistogram(options.hist_bins, -r, r)
 
@@ -246,7 +257,7 @@ class ContrastiveRecipe(Recipe):
         cl, reg, kept = 0.0, 0.0, []
         for z1, z2 in self.view_pairs(model, batch, h):
             z = torch.cat([z1, z2])  # (2N, D)
-            sim = similarity(z, o.similarity)  # (2N, 2N)
+            sim = similarity(z, self.similarity)  # (2N, 2N)
             observed = negative_similarities(sim.detach())
             self.hist.add(observed)
             k = self.k_stat.observe(observed)
@@ -257,7 +268,7 @@ class ContrastiveRecipe(Recipe):
             if o.mask_false_negatives:
                 fn = same_target_logw(targets)
                 logw = fn if logw is None else logw + fn
-            cl = cl + info_nce(sim, o.temperature, logw)
+            cl = cl + info_nce(sim, self.temperature, logw)
             if more is not None:
                 reg = reg + more
         logs["cl_loss"] = cl.item() if torch.is_tensor(cl) else cl

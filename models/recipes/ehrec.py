@@ -33,8 +33,9 @@ class EHRecStat(DuoRec):
 class EHRecLearnOptions(ContrastiveOptions):
     g_hidden: int = Field(64, ge=1, description="width of g, the MLP that predicts each sequence's threshold")
     reg_weight: float = Field(1.0, ge=0, description="weight of L_reg = (k_learn - k_stat)^2")
-    gate_temperature: float = Field(1.0, gt=0, description="t of the negative gate sigmoid((k_learn - sim)/t); "
-                                                           "use a smaller t with cos similarity")
+    gate_temperature: float | None = Field(None, gt=0, description="t of the negative gate sigmoid((k_learn - sim)/t)"
+                                                                    " (default: 1 with dot similarity, 0.05 with cos, "
+                                                                    "whose values live in [-1, 1])")
     g_detach: bool = Field(True, description="feed g a detached representation: g learns its thresholds "
                                              "without also reshaping the encoder through them")
 
@@ -56,7 +57,8 @@ class EHRecLearn(DuoRec):
         k_learn = self.g(z.detach() if o.g_detach else z, k)  # (2N,) one threshold per anchor view
         self.k_learn.add(k_learn)
         reg = (k_learn - k).square().mean()
-        return gate_logw(sim, k_learn, o.gate_temperature), o.reg_weight * reg
+        t = o.gate_temperature or (0.05 if self.similarity == "cos" else 1.0)
+        return gate_logw(sim, k_learn, t), o.reg_weight * reg
 
     def end_epoch(self):
         mean, std = self.k_learn.pop()
