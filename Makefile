@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean sysdeps
+.PHONY: demo test lint clean sysdeps deploy-check
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -35,6 +35,12 @@ lint: $(STAMP)
 
 test: $(STAMP) sysdeps lint
 	$(BIN)/python -m pytest -q
+
+# The docker deployment really built and run here: a docker engine, images from Debian's packages, the
+# compose stack on ports of its own, the end-to-end flow against the containers, then all torn down.
+# Root, several minutes; not part of `make test` (docs/results/deploy-check.md).
+deploy-check: $(STAMP)
+	bash deploy/check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -20,9 +20,10 @@ needs_dc = pytest.mark.skipif(DC is None, reason="docker-compose is not installe
                                                   "`make sysdeps` installs it)")
 
 
-def _config(env_extra: dict) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RECMERGE_", "POSTGRES_"))}
-    return subprocess.run([DC, "-f", str(COMPOSE), "config"], cwd=ROOT, env={**env, **env_extra},
+def _config(env_extra: dict, *overrides: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RECMERGE_", "POSTGRES_", "DEPLOY_"))}
+    files = [a for f in overrides for a in ("-f", str(ROOT / f))]
+    return subprocess.run([DC, "-f", str(COMPOSE), *files, "config"], cwd=ROOT, env={**env, **env_extra},
                           capture_output=True, text=True, timeout=60)
 
 
@@ -55,7 +56,11 @@ def test_compose_config_is_valid_and_complete():
     worker = svc["worker"]
     assert worker["command"][:5] == ["celery", "-A", "workers.celery_app", "worker", "-Q"]
     assert worker["command"][5] == QUEUE
-    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    # The GPU reservation is an override: the engine refuses a worker it cannot give a GPU to.
+    assert "deploy" not in worker
+    gpu = _config({"RECMERGE_API_TOKEN": "s3cret"}, "docker-compose.gpu.yml")
+    assert gpu.returncode == 0, gpu.stderr
+    devices = yaml.safe_load(gpu.stdout)["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"] and devices[0]["driver"] == "nvidia"
     for name in ("api", "worker"):
         assert svc[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
@@ -78,3 +83,21 @@ def test_dockerfile_copies_every_package_the_distribution_holds():
     copied = set(re.findall(r"^COPY (\w+) \./\1$", (ROOT / "Dockerfile").read_text(), flags=re.M))
     assert packages <= copied, f"Dockerfile does not copy {packages - copied}"
     assert "alembic.ini" in (ROOT / "Dockerfile").read_text()
+
+
+@needs_dc
+def test_local_override_keeps_off_the_hosts_services():
+    """deploy/compose.local.yml (make deploy-check): host networking, so every port is the host's — none
+    may be PostgreSQL's or Redis's standard one, which the test-suite's own servers hold."""
+    done = _config({"RECMERGE_API_TOKEN": "s3cret"}, "deploy/compose.local.yml")
+    assert done.returncode == 0, done.stderr
+    svc = yaml.safe_load(done.stdout)["services"]
+    assert {s["network_mode"] for s in svc.values()} == {"host"}
+    assert {s["image"] for s in svc.values()} == {"recmerge:local", "recmerge-postgres:local", "recmerge-redis:local"}
+    for name in ("migrate", "api", "worker"):
+        env = svc[name]["environment"]
+        assert "@127.0.0.1:15432/" in env["RECMERGE_DATABASE_URL"], env
+        assert env["RECMERGE_BROKER_URL"] == "redis://127.0.0.1:16379/0"
+    assert svc["postgres"]["command"][-2:] == ["-p", "15432"]
+    assert svc["redis"]["command"][-2:] == ["--port", "16379"] and "16379" in svc["redis"]["healthcheck"]["test"]
+    assert svc["api"]["command"][-2:] == ["--port", "18000"] and "18000" in svc["api"]["healthcheck"]["test"][-1]
