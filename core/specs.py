@@ -82,8 +82,9 @@ class MergeSpec(Spec):
     weights: list[float] | None = None
     base_model_id: str | None = None
     options: dict = Field(default_factory=dict, description="the method's options")
-    fisher: FisherSettings | None = Field(None, description="how to estimate the Fishers (method fisher; "
-                                                            "default: sampling model, n 8)")
+    fisher: FisherSettings | None = Field(None, description="how to estimate the Fishers (method fisher, and "
+                                                            "weight-search with combine fisher; default: "
+                                                            "sampling model, n 8)")
     finetune_epochs: int = Field(0, ge=0, le=100)
     evaluate: bool = True
     protocols: list[Literal[EVAL_PROTOCOLS]] = ["full"]  # type: ignore[valid-type]
@@ -95,8 +96,13 @@ class MergeSpec(Spec):
             raise ValueError(f"weights has {len(self.weights)} entries for {len(self.model_ids)} models")
         if len(set(self.model_ids)) != len(self.model_ids):
             raise ValueError("model_ids lists a model twice")
-        if self.method == "fisher" and self.fisher is None:
+        from merging.methods import METHODS
+
+        method = METHODS.get(self.method)
+        # fisher, and weight-search with combine fisher, weigh by Fishers the merge job estimates first
+        uses_fisher = method is not None and method.fisher_use(self.options)
+        if uses_fisher and self.fisher is None:
             self.fisher = DEFAULT_FISHER
-        if self.method != "fisher" and self.fisher is not None:
+        if not uses_fisher and self.fisher is not None:
             raise ValueError(f"fisher settings given, but method {self.method!r} uses no Fisher")
         return self

@@ -52,7 +52,8 @@ class MergeConfig(BaseModel):
     models: list[ModelEntry] = Field(min_length=1, max_length=64)
     base_model: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict, description="the method's global options")
-    fisher: dict[str, Any] | None = Field(None, description="Fisher estimation settings (method fisher)")
+    fisher: dict[str, Any] | None = Field(None, description="Fisher estimation settings (method fisher, "
+                                                            "weight-search with combine fisher)")
     dataset: str | None = Field(None, description="prepared dataset directory")
 
     @property
@@ -72,7 +73,7 @@ class MergeConfig(BaseModel):
 
     def fisher_settings(self) -> FisherSettings | None:
         """The settings missing Fishers are estimated with (None when every Fisher is a given file)."""
-        if not self.method.needs_fisher or self.fisher_files is not None:
+        if not self.method.fisher_use(self.parameters) or self.fisher_files is not None:
             return None
         return FisherSettings.model_validate(merge_settings(self.fisher or {}))
 
@@ -133,6 +134,7 @@ def parse_config(doc: dict, source: str = "merge config", needs_files: bool = Fa
     if cls is None:
         raise ConfigError([{"loc": "merge_method", "msg": f"unknown method {cfg.merge_method!r}; known: "
                                                           f"{', '.join(METHODS)}"}], source)
+    uses_fisher = cls.fisher_use(cfg.parameters)
     try:
         cls.Options.model_validate(cfg.parameters)
     except ValidationError as e:
@@ -142,7 +144,7 @@ def parse_config(doc: dict, source: str = "merge config", needs_files: bool = Fa
             cls.ModelOptions.model_validate(_without_file(m.parameters))
         except ValidationError as e:
             errors += _errors(e, f"models.{i}.parameters")
-        if FISHER_FILE in m.parameters and not cls.needs_fisher:
+        if FISHER_FILE in m.parameters and not uses_fisher:
             errors.append({"loc": f"models.{i}.parameters.{FISHER_FILE}", "msg": f"{cfg.merge_method} uses no Fisher"})
         if needs_files and not Path(m.model).is_file():
             errors.append({"loc": f"models.{i}.model", "msg": f"{m.model}: no such file"})
@@ -158,7 +160,7 @@ def parse_config(doc: dict, source: str = "merge config", needs_files: bool = Fa
     if needs_files and cfg.base_model is not None and not Path(cfg.base_model).is_file():
         errors.append({"loc": "base_model", "msg": f"{cfg.base_model}: no such file"})
     if cfg.fisher is not None:
-        if not cls.needs_fisher:
+        if not uses_fisher:
             errors.append({"loc": "fisher", "msg": f"{cfg.merge_method} uses no Fisher"})
         elif files is not None:
             errors.append({"loc": "fisher", "msg": "settings for estimating Fishers, but every model gives a file"})

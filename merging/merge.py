@@ -71,9 +71,10 @@ def _check_roles(m: MergeMethod, n: int, base, fishers, score, grams=None, objec
         raise MergeOptionsError(f"{m.name}: works on task vectors and needs a base checkpoint")
     if not uses_base and base is not None:
         raise MergeOptionsError(f"{m.name}: does not use a base checkpoint")
-    if m.needs_fisher and fishers is None:
+    uses_fisher = m.fisher_use(m.options.model_dump())
+    if uses_fisher and fishers is None:
         raise MergeOptionsError(f"{m.name}: needs one Fisher file per checkpoint")
-    if not m.needs_fisher and fishers is not None:
+    if not uses_fisher and fishers is not None:
         raise MergeOptionsError(f"{m.name}: does not use Fisher files")
     if fishers is not None and len(fishers) != n:
         raise MergeOptionsError(f"{m.name}: got {len(fishers)} Fisher files for {n} checkpoints")
@@ -269,7 +270,7 @@ def merge_checkpoints(method: str, checkpoints: Sequence[str | os.PathLike], out
         selection, used = None, ings
         if m.fits:
             with torch_threads(threads):
-                _fit(m, ings, base_ing, FitInputs(score, grams, objective), report)
+                _fit(m, ings, base_ing, FitInputs(score, grams, objective), report, fisher_readers)
         elif m.needs_score:
             selection = _greedy(m, ings, score, chunk_bytes, report)
             used = [ings[i] for i in selection["kept"]]
@@ -361,11 +362,12 @@ def _greedy(m: MergeMethod, ings: list[Ingredient], score, chunk_bytes: int, rep
     return {"individual": individual, "kept": kept, "history": history}
 
 
-def _read_state(reader: SafetensorsReader) -> dict[str, torch.Tensor]:
-    return {name: _checked(reader.read(name), name, reader) for name in reader.tensors}
+def _read_state(reader: SafetensorsReader, fisher: bool = False) -> dict[str, torch.Tensor]:
+    return {name: _checked(reader.read(name), name, reader, fisher=fisher) for name in reader.tensors}
 
 
-def _fit(m: MergeMethod, ings: list[Ingredient], base: Ingredient | None, inputs: FitInputs, report) -> None:
+def _fit(m: MergeMethod, ings: list[Ingredient], base: Ingredient | None, inputs: FitInputs, report,
+         fishers: list[SafetensorsReader] | None = None) -> None:
     """The whole models in memory (compute dtype), for a method that learns its coefficients from them. A
     state dict handed to a caller's function holds each tensor in its stored dtype, as the file will."""
     states = [_read_state(i.reader) for i in ings]
@@ -381,7 +383,8 @@ def _fit(m: MergeMethod, ings: list[Ingredient], base: Ingredient | None, inputs
     if inputs.grams is not None:
         grams = inputs.grams
         inputs.grams = lambda state: grams(stored(state))
-    m.fit(states, base_state, inputs, lambda f: report(m.name, f))
+    fisher_states = [_read_state(f, fisher=True) for f in fishers] if fishers else None
+    m.fit(states, base_state, inputs, lambda f: report(m.name, f), fishers=fisher_states)
     report(m.name, 1.0)
 
 
@@ -396,8 +399,9 @@ def merge_state_dicts(m: MergeMethod, state_dicts: list[dict[str, torch.Tensor]]
     if m.fits:
         cd = {k: compute_dtype(v.dtype) for k, v in state_dicts[0].items()}
         base_state = None if base is None else {k: v.to(cd[k]) for k, v in base.items()}
+        fisher_states = None if fishers is None else [{k: v.to(cd[k]) for k, v in f.items()} for f in fishers]
         m.fit([{k: v.to(cd[k]) for k, v in sd.items()} for sd in state_dicts], base_state, inputs or FitInputs(),
-              lambda f: None)
+              lambda f: None, fishers=fisher_states)
     if m.needs_fisher_norms:
         m.set_fisher_norms(fisher_norms or [math.sqrt(sq_norm_of_tensors(f)) for f in fishers])
     out = {}

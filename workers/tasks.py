@@ -201,7 +201,7 @@ def merge(a: Attempt) -> Record:
     base_row, base = a.res.model(spec.base_model_id) if spec.base_model_id else (None, None)
     ds_row, ds = a.res.dataset(rows[0].dataset_id)
     fishers = None
-    if spec.method == "fisher":
+    if spec.fisher is not None:  # set by the spec exactly where the method weighs by Fishers
         fishers = []
         with a.res.session() as s:
             for row in rows:

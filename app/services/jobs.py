@@ -105,7 +105,7 @@ def submit_merge(session: Session, spec: MergeSpec, key: str | None = None, stor
         raise Unprocessable(f"fisher.n: {spec.fisher.n} items per sequence, but the dataset has {dataset.n_items}")
     parent_id = jobs.new_id()
     children: list[Job] = []
-    if spec.method == "fisher":
+    if spec.fisher is not None:  # the spec sets it exactly where the method weighs by Fishers
         for m in rows:
             fisher_key = cache_key(m.sha256, fingerprint, spec.fisher)
             cached = session.scalar(select(Fisher.sha256).where(Fisher.cache_key == fisher_key))

@@ -71,7 +71,7 @@ class AdaMerging(MergeMethod):
     def _merged(self, base, taus, lam, index) -> dict[str, torch.Tensor]:
         return {k: base[k] + sum(lam[i, index[k]] * t[k] for i, t in enumerate(taus)) for k in base}
 
-    def fit(self, states, base, inputs: FitInputs, progress) -> None:
+    def fit(self, states, base, inputs: FitInputs, progress, fishers=None) -> None:
         o = self.options
         index: dict[str, int] = {}
         for k in base:

@@ -118,6 +118,11 @@ class MergeMethod:
         return cls.needs_base
 
     @classmethod
+    def fisher_use(cls, options: dict[str, Any]) -> bool:
+        """Whether these (raw, maybe not yet valid) options make the method weigh by Fishers."""
+        return cls.needs_fisher
+
+    @classmethod
     def uses_data(cls) -> bool:
         """Whether the caller has to read the dataset to supply this method's inputs."""
         return cls.needs_score or cls.needs_grams or cls.needs_objective
@@ -127,8 +132,9 @@ class MergeMethod:
         return False
 
     def fit(self, states: list[dict[str, torch.Tensor]], base: dict[str, torch.Tensor] | None, inputs: FitInputs,
-            progress: Callable[[float], None]) -> None:
-        """Learn what `merge` needs from the whole models (in the compute dtype); only where `fits`."""
+            progress: Callable[[float], None], fishers: list[dict[str, torch.Tensor]] | None = None) -> None:
+        """Learn what `merge` needs from the whole models (in the compute dtype; their Fishers too where the
+        method weighs by them); only where `fits`."""
         raise NotImplementedError
 
     def fitted(self) -> dict[str, Any]:

@@ -48,7 +48,7 @@ class RegMean(MergeMethod):
         super().__init__(*args, **kwargs)
         self.grams: dict[str, list[torch.Tensor]] | None = None
 
-    def fit(self, states, base, inputs: FitInputs, progress) -> None:
+    def fit(self, states, base, inputs: FitInputs, progress, fishers=None) -> None:
         per_model = []
         for i, state in enumerate(states):
             g = inputs.grams(state)

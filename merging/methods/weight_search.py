@@ -6,6 +6,9 @@ The combination searched over is the option `combine`:
   λ ∈ [0, 1], c = (λ, 1 − λ) (the Fisher-merging reference evaluates 51 points per pair).
 - `task-vectors` (needs a base): θ = θ_base + Σ c_i (θ_i − θ_base), each c_i on a grid over [`low`, `high`]
   (default [0, 1]).
+- `fisher` (needs one Fisher per model): the Fisher-weighted average with c_i multiplying model i's Fisher,
+  θ = Σ c_i F_i θ_i / Σ c_i F_i entry by entry (the `fisher` method with weights c); an entry no model's
+  Fisher covers (Σ c_i F_i = 0) takes the c-weighted average. Two models: the λ grid as for `average`.
 Otherwise (three or more models averaged, or any task-vector search) a coordinate search: start from the
 uniform point c_i = 1/M, then for each model in turn score the 1-D grid of its coefficient with the others
 held, keep the best; repeat for `rounds` rounds, stopping after a round without a gain. A candidate
@@ -28,9 +31,9 @@ from merging.methods.base import FitInputs, MergeMethod, MergeOptionsError, NoOp
 
 
 class SearchOptions(NoOptions):
-    combine: Literal["average", "task-vectors"] = Field(
-        "average", description="what the coefficients weigh: the raw parameters (average) or task vectors "
-                               "θ_i − θ_base (task-vectors, needs a base)")
+    combine: Literal["average", "task-vectors", "fisher"] = Field(
+        "average", description="what the coefficients weigh: the raw parameters (average), task vectors "
+                               "θ_i − θ_base (task-vectors, needs a base), or each model's Fisher (fisher)")
     grid: int = Field(51, ge=2, le=1001, description="grid points per coefficient")
     low: float = Field(0.0, allow_inf_nan=False, description="task-vectors: smallest coefficient on the grid")
     high: float = Field(1.0, allow_inf_nan=False, description="task-vectors: largest coefficient on the grid")
@@ -39,7 +42,7 @@ class SearchOptions(NoOptions):
 
     @model_validator(mode="after")
     def _interval(self):
-        if self.combine == "average" and (self.low, self.high) != (0.0, 1.0):
+        if self.combine != "task-vectors" and (self.low, self.high) != (0.0, 1.0):
             raise ValueError("low and high set the task-vector interval; an average searches weights in [0, 1]")
         if not self.low < self.high:
             raise ValueError(f"low ({self.low}) must be below high ({self.high})")
@@ -100,7 +103,7 @@ class WeightSearch(MergeMethod):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         o = self.options
-        if o.combine == "average" and self.n_models < 2:
+        if o.combine != "task-vectors" and self.n_models < 2:
             raise MergeOptionsError("weight-search: averaging searches between at least two checkpoints")
         self.coefficients: list[float] | None = None
         self.record: dict = {}
@@ -109,19 +112,33 @@ class WeightSearch(MergeMethod):
     def base_use(cls, options):
         return str(options.get("combine", "average")) == "task-vectors"
 
-    def combination(self, x: TensorInputs, c) -> torch.Tensor:
-        if self.options.combine == "average":
-            return weighted_sum(x.tensors, list(c)) / sum(c)
-        return x.base + weighted_sum([t - x.base for t in x.tensors], list(c))
+    @classmethod
+    def fisher_use(cls, options):
+        return str(options.get("combine", "average")) == "fisher"
 
-    def fit(self, states, base, inputs: FitInputs, progress) -> None:
+    def combination(self, x: TensorInputs, c) -> torch.Tensor:
+        c = list(c)
+        if self.options.combine == "average":
+            return weighted_sum(x.tensors, c) / sum(c)
+        if self.options.combine == "fisher":
+            den = weighted_sum(x.fishers, c)
+            out = weighted_sum([f * t for f, t in zip(x.fishers, x.tensors)], c) / den
+            uncovered = den <= 0
+            if uncovered.any():
+                out[uncovered] = (weighted_sum(x.tensors, c) / sum(c))[uncovered]
+            return out
+        return x.base + weighted_sum([t - x.base for t in x.tensors], c)
+
+    def fit(self, states, base, inputs: FitInputs, progress, fishers=None) -> None:
         o, n = self.options, self.n_models
-        average = o.combine == "average"
+        average = o.combine != "task-vectors"  # a (Fisher-)weighted average: c and k·c are the same merge
         names = list(states[0])
 
         def score(c):
             state = {k: self.combination(TensorInputs(k, [s[k] for s in states],
-                                                      base=None if base is None else base[k]), c)
+                                                      base=None if base is None else base[k],
+                                                      fishers=None if fishers is None else [f[k] for f in fishers]),
+                                         c)
                      for k in names}
             return inputs.score(state)
 

@@ -64,6 +64,15 @@ def test_weight_search_job_reports_every_candidate_and_keeps_the_best(svc, world
     assert job["merged"]["metrics"]["valid"]["full"]["ndcg@10"] == pytest.approx(res["score"], abs=1e-6)
 
 
+def test_weight_search_over_fisher_weights_runs_the_fisher_jobs_first(svc, world):
+    job = post(svc, {"method": "weight-search", "model_ids": world["models"], "evaluate": False,
+                     "options": {"combine": "fisher", "grid": 3}, "fisher": {"sampling": "topk", "n": 3}})
+    assert sorted(c["kind"] for c in job["children"]) == ["fisher", "fisher"]
+    assert [c["coefficients"] for c in job["result"]["candidates"]] == [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]
+    model = svc.client.get(f"/models/{job['result_model_id']}").json()
+    assert [f["sampling"] for f in model["merge"]["fishers"]] == ["topk", "topk"]
+
+
 def test_weight_search_over_task_vectors_as_a_yaml_config(svc, world):
     config = {"merge_method": "weight-search", "evaluate": False, "base_model": world["base"],
               "models": [{"model": m} for m in world["models"]],
@@ -124,6 +133,7 @@ def _tensors(svc, model_id: str) -> dict:
     ({"method": "weight-search", "options": {"grid": 1}}, "grid"),
     ({"method": "weight-search", "options": {"combine": "task-vectors"}}, "base_model_id"),
     ({"method": "weight-search", "weights": [1.0, 2.0]}, "weights"),
+    ({"method": "weight-search", "fisher": {"sampling": "topk", "n": 3}}, "uses no Fisher"),
 ])
 def test_bad_options_are_refused_before_any_job_or_file(svc, world, body, field):
     before = svc.snapshot()

@@ -62,6 +62,27 @@ def test_weight_search_from_a_config_with_a_base(planted, capsys, tmp_path):
     assert {v for c in merge["search"]["candidates"] for v in c["coefficients"]} <= {-0.5, 0.25, 1.0, 0.5}
 
 
+def test_weight_search_over_fisher_weights_estimates_the_fishers_it_needs(planted, capsys, tmp_path):
+    ds, _, ckpts = planted
+    out = tmp_path / "wf.safetensors"
+    rc, stdout, err = run_cli(capsys, "merge", "--method", "weight-search", *ckpts[:2], "--data", ds.path,
+                              "--option", "combine=fisher", "--option", "grid=3", "--fisher-setting", "sampling=topk",
+                              "--fisher-setting", "n=3", "--out", out)
+    assert rc == 0, err
+    assert "fisher: estimating 2 Fishers with sampling=topk, n=3" in stdout
+    merge = read_metadata(out).merge
+    assert [f["sampling"] for f in merge["fishers"]] == ["topk", "topk"]
+    assert merge["config"]["fisher"]["n"] == 3 and merge["options"]["combine"] == "fisher"
+    assert [c["coefficients"][0] for c in merge["search"]["candidates"]] == [0.0, 0.5, 1.0]
+    # The same search over the Fisher files just written, given as files: the same scores.
+    fishers = [tmp_path / f"wf.fisher{i}.safetensors" for i in (1, 2)]
+    again = tmp_path / "again.safetensors"
+    rc, _, err = run_cli(capsys, "merge", "--method", "weight-search", *ckpts[:2], "--data", ds.path, "--fisher",
+                         *fishers, "--option", "combine=fisher", "--option", "grid=3", "--out", again)
+    assert rc == 0, err
+    assert read_metadata(again).merge["search"] == merge["search"]
+
+
 def test_regmean_from_flags_equals_the_library_with_the_datasets_grams(planted, capsys, tmp_path):
     ds, cfg, ckpts = planted
     out = tmp_path / "rm.safetensors"
@@ -114,6 +135,7 @@ def test_adamerging_from_flags_equals_the_library_with_the_datasets_objective(pl
     (["--method", "regmean", "--option", "alpha=0"], "regmean: option 'alpha'"),
     (["--method", "regmean", "--option", "users=-3"], "regmean: option 'users'"),
     (["--option", "grid=1"], "weight-search: option 'grid'"),
+    (["--fisher-setting", "n=3"], "fisher: weight-search uses no Fisher"),
     (["--option", "combine=median"], "weight-search: option 'combine'"),
     (["--option", "combine=task-vectors"], "needs a base checkpoint"),
     (["--weights", "1", "2"], "takes no per-model weights"),

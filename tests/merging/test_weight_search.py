@@ -14,7 +14,7 @@ from merging.methods import MergeOptionsError
 from merging.methods.base import FitInputs
 from merging.methods.weight_search import grid_values, search
 from models.checkpoint import load_checkpoint
-from tests.merging.factory import make_checkpoint
+from tests.merging.factory import make_checkpoint, make_fisher
 
 
 @pytest.fixture
@@ -93,6 +93,41 @@ def test_task_vector_coordinate_search_reaches_the_product_grid_optimum(world):
         assert c["score"] == pytest.approx(score(combo(c["coefficients"])), rel=1e-5, abs=1e-9)
 
 
+def test_fisher_combine_scores_each_lambdas_fisher_weighted_average(world):
+    a, b = world["states"][:2]
+    fishers = []
+    for i, c in enumerate(world["ckpts"][:2]):
+        gen = torch.Generator().manual_seed(40 + i)
+        f = {k: torch.rand(v.shape, generator=gen) for k, v in world["states"][i].items()}
+        # Rows no model's Fisher covers (the fallback) and rows only one model's covers.
+        f["item_emb.weight"][:3] = 0
+        if i == 1:
+            f["item_emb.weight"][3:6] = 0
+        path = world["out"].parent / f"in/f{i}.safetensors"
+        make_fisher(path, c, seed=i, fisher=f)
+        fishers.append((path, f))
+    target = 0.6 * probe(a) + 0.4 * probe(b) + 0.01
+
+    def score(sd):
+        return -float(((probe(sd) - target) ** 2).sum()) - float(sd["item_emb.weight"][:6].abs().sum())
+
+    out = world["out"] / "m.safetensors"
+    res = merge_checkpoints("weight-search", world["ckpts"][:2], out, fishers=[p for p, _ in fishers], score=score,
+                            options={"combine": "fisher", "grid": 11})
+    fd = [f for _, f in fishers]
+    for cand in res.fitted["candidates"]:
+        ref = merge_state_dicts(build_method("fisher", 2, None, cand["coefficients"]), [a, b], fishers=fd)
+        assert cand["score"] == pytest.approx(score(ref), rel=1e-5), cand["coefficients"]
+    assert len(res.fitted["candidates"]) == 11
+    best = max(res.fitted["candidates"], key=lambda c: c["score"])
+    assert res.fitted["coefficients"] == best["coefficients"] and 0 < best["coefficients"][0] < 1
+    merged, _ = load_checkpoint(out)
+    ref = merge_state_dicts(build_method("fisher", 2, None, best["coefficients"]), [a, b], fishers=fd)
+    for k in merged:
+        torch.testing.assert_close(merged[k], ref[k], rtol=1e-5, atol=1e-6)
+    assert json.loads(res.metadata["merge"])["fishers"][0]["sampling"] == "exact"  # the Fishers are recorded
+
+
 def test_coordinate_search_stops_after_a_round_without_gain_and_ties_keep_the_earlier():
     seen = []
 
@@ -137,7 +172,7 @@ def test_in_memory_fit_equals_the_streamed_file(world):
 
 @pytest.mark.parametrize("kw, message", [
     ({"options": {"grid": 1}}, "option 'grid'"),
-    ({"options": {"combine": "fisher"}}, "option 'combine'"),
+    ({"options": {"combine": "median"}}, "option 'combine'"),
     ({"options": {"rounds": 0}}, "option 'rounds'"),
     ({"options": {"combine": "task-vectors", "low": 1.0, "high": 0.5}}, r"low \(1.0\) must be below high"),
     ({"options": {"low": -1.0}}, "low and high set the task-vector interval"),
@@ -147,6 +182,9 @@ def test_in_memory_fit_equals_the_streamed_file(world):
     ({"base": "base"}, "does not use a base checkpoint"),
     ({"score": None}, "needs a score function"),
     ({"checkpoints": 1}, "averaging searches between at least two checkpoints"),
+    ({"options": {"combine": "fisher"}}, "needs one Fisher file per checkpoint"),
+    ({"fishers": "fishers"}, "does not use Fisher files"),
+    ({"options": {"combine": "fisher", "low": -1.0}, "fishers": "fishers"}, "low and high set the task-vector"),
     ({"score": lambda sd: float("nan")}, "the score function returned nan"),
 ])
 def test_bad_options_are_refused_and_nothing_is_written(world, kw, message):
@@ -155,6 +193,11 @@ def test_bad_options_are_refused_and_nothing_is_written(world, kw, message):
     if kw.get("base") == "base" or kw.get("options", {}).get("combine") == "task-vectors" and "base" not in kw:
         kw["base"] = world["base"]
     ckpts = world["ckpts"][:kw.pop("checkpoints", 2)]
+    if kw.get("fishers") == "fishers":
+        kw["fishers"] = []
+        for i, c in enumerate(ckpts):
+            kw["fishers"].append(world["out"].parent / f"in/f{i}.safetensors")
+            make_fisher(kw["fishers"][-1], c, seed=i)
     with pytest.raises(MergeOptionsError, match=message):
         merge_checkpoints("weight-search", ckpts, world["out"] / "m.safetensors", **kw)
     assert os.listdir(world["out"]) == []
