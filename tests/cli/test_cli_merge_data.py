@@ -149,3 +149,22 @@ def test_bad_options_are_refused_and_nothing_is_written(planted, capsys, tmp_pat
                               "--out", out_dir / "m.safetensors")
     assert rc == 2 and message in err, err
     assert os.listdir(out_dir) == []
+
+
+@pytest.mark.parametrize("method, argv", [
+    ("weight-search", ["--option", "grid=3"]),
+    ("regmean", ["--option", "users=10"]),
+    ("adamerging", ["--base", "BASE", "--option", "steps=2", "--option", "users=10"]),
+])
+def test_the_recorded_config_makes_the_same_file_again(planted, capsys, tmp_path, method, argv):
+    from models.checkpoint import file_sha256
+
+    ds, _, ckpts = planted
+    argv = [str(ckpts[2]) if a == "BASE" else a for a in argv]
+    out = tmp_path / "m.safetensors"
+    rc, _, err = run_cli(capsys, "merge", "--method", method, *ckpts[:2], "--data", ds.path, *argv, "--out", out)
+    assert rc == 0, err
+    again = tmp_path / "again.safetensors"
+    rc, _, err = run_cli(capsys, "merge", "--config", out, "--out", again)
+    assert rc == 0, err
+    assert file_sha256(again) == file_sha256(out)
