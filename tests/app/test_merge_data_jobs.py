@@ -64,6 +64,24 @@ def test_weight_search_job_reports_every_candidate_and_keeps_the_best(svc, world
     assert job["merged"]["metrics"]["valid"]["full"]["ndcg@10"] == pytest.approx(res["score"], abs=1e-6)
 
 
+def test_the_job_hears_of_every_candidate(svc, world, monkeypatch):
+    from workers.attempt import Attempt
+
+    heard, original = [], Attempt.progress
+
+    def recording(self, stage, fraction):
+        heard.append((stage, fraction))
+        return original(self, stage, fraction)
+
+    monkeypatch.setattr(Attempt, "progress", recording)  # the in-process runner's attempts call it
+    job = post(svc, {"method": "weight-search", "model_ids": world["models"], "options": {"grid": 4},
+                     "evaluate": False})
+    search = [f for stage, f in heard if stage == "weight-search"]
+    # One report per candidate (then the closing 1.0), on the job's own 0..1 scale, never going back.
+    assert len(search) == len(job["result"]["candidates"]) + 1 == 5
+    assert search == sorted(search) and 0 < search[0] and search[-1] == 1.0
+
+
 def test_weight_search_over_fisher_weights_runs_the_fisher_jobs_first(svc, world):
     job = post(svc, {"method": "weight-search", "model_ids": world["models"], "evaluate": False,
                      "options": {"combine": "fisher", "grid": 3}, "fisher": {"sampling": "topk", "n": 3}})
