@@ -57,12 +57,13 @@ class Table:
         self.index_path = work / "rows.json"
         self.rows: dict[str, dict] = json.loads(self.index_path.read_text()) if self.index_path.exists() else {}
         self.data = {split: eval_data(ds, split) for split in SPLITS}
+        self.stale: set[str] = set()
 
     def has(self, name: str) -> bool:
-        return name in self.rows
+        return name in self.rows and name not in self.stale
 
     def drop(self, name: str) -> None:
-        self.rows.pop(name, None)
+        self.stale.add(name)  # recomputed in place: the table keeps its order
 
     def add(self, name: str, scorer, group: str, **info) -> None:
         arrays, means = {}, {}
@@ -77,6 +78,7 @@ class Table:
         fname = f"{len(self.rows):03d}.npz" if name not in self.rows else self.rows[name]["file"]
         np.savez(self.work / "rows" / fname, **arrays)
         self.rows[name] = {"group": group, "file": fname, "means": means, **info}
+        self.stale.discard(name)
         self.index_path.write_text(json.dumps(self.rows, indent=1))
         m = means
         print(f"{name:50s} valid {m['valid/full/ndcg@10']:.4f}  test {m['test/full/ndcg@10']:.4f}", flush=True)
@@ -94,6 +96,28 @@ class Table:
 
     def valid(self, name: str) -> float:
         return self.rows[name]["means"]["valid/full/ndcg@10"]
+
+
+def task_vector_identity(members: list[Path], base: Path, fishers: list[str], merged: Path) -> dict:
+    """Fisher merging of task vectors, θ_base + Σ F_i τ_i / Σ F_i, against the merge of raw parameters that
+    the method computes: the same by algebra wherever Σ F_i > 0 (the weights sum to one), and the same
+    where it is 0 (the fallback averages θ_i, i.e. adds the mean τ_i). Returns the largest difference and
+    where the Fisher mass is zero (the entries that fall back)."""
+    from safetensors.torch import load_file
+
+    states = [load_file(str(p)) for p in members]
+    theta0, out = load_file(str(base)), load_file(str(merged))
+    fs = [load_file(f) for f in fishers]
+    worst, zero = 0.0, {}
+    for name, t0 in theta0.items():
+        den = sum(f[name].double() for f in fs)
+        num = sum(f[name].double() * (s[name].double() - t0.double()) for f, s in zip(fs, states))
+        tv = t0.double() + torch.where(den > 0, num / den.clamp_min(1e-300),
+                                       sum(s[name].double() - t0.double() for s in states) / len(states))
+        worst = max(worst, float((tv - out[name].double()).abs().max()))
+        if int((den == 0).sum()):
+            zero[name] = int((den == 0).sum()) if den.dim() < 2 else int((den == 0).all(dim=1).sum())
+    return {"max_abs_difference": worst, "zero_fisher": zero}
 
 
 def ensemble_scorer(paths: list[Path]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -127,6 +151,8 @@ def main() -> None:
     ap.add_argument("--work", required=True, help="scratch directory: prepared data, Fishers, merges, cached rows")
     ap.add_argument("--sections", default="ingredients,ensemble,soups,fisher,search,ft",
                     help="comma-separated parts to run (the table prints every cached row anyway)")
+    ap.add_argument("--fisher-variants", default="all", choices=["all", "default"],
+                    help="all: the whole diagnosis; default: the default and normalised Fisher merges only")
     ap.add_argument("--redo", action="append", default=[], help="recompute this row (repeatable)")
     ap.add_argument("--ft-epochs", type=int, default=1, help="plain epochs after the best merge (and its control)")
     ap.add_argument("--threads", type=int, default=1)
@@ -216,12 +242,17 @@ def main() -> None:
             ("fisher epsilon floor 1e-8", default, {"epsilon": 1e-8}, names),
             ("fisher without worse-than-base", default, {}, better_than_base),
         ]
+        if args.fisher_variants == "default":
+            variants = variants[:2]
         for label, settings, options, members in variants:
             if table.has(label) or len(members) < 2:
                 continue
             fs, fisher_s = fishers(settings, members)
             scored_merge(label, "fisher", members, "fisher", fishers=fs, options=options)
             table.rows[label]["fisher_seconds"] = round(fisher_s, 1)
+            if not options:
+                table.rows[label]["task_vectors"] = task_vector_identity(
+                    [paths[n] for n in members], base, fs, merge_path(label))
             table.rows[label]["fisher_settings"] = settings
         table.index_path.write_text(json.dumps(table.rows, indent=1))
 
