@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api import aliases, datasets, events, health, models, recipes, recommend
+from app.api import aliases, datasets, document, events, health, models, recipes, recommend
 from app.api import errors as api_errors
 from app.api import jobs as jobs_api
 from app.api.access import AuthFirst
@@ -111,6 +111,7 @@ def create_app(settings: Settings | None = None, *, jobs: bool = True) -> FastAP
     ui.mount(app)  # the dashboard: pages, their parts (behind the read door) and static files
 
     api_errors.install(app)
+    document.install(app)  # after every route: it corrects the document they make
 
     app.add_middleware(BodyLimit, limit=settings.MAX_UPLOAD_BYTES)
     app.add_middleware(AuthFirst, settings=settings, routes=app.router.routes, doors_by_dependency=DOORS)

@@ -16,6 +16,11 @@ ItemId = str | int  # original ids; compared as strings, as the prepared dataset
 Format = Literal[FORMATS]  # type: ignore[valid-type]
 
 
+# JSON request bodies are read strictly: JSON has its own numbers and booleans, so `false` or "5" where
+# the document says integer is refused, not converted. (Form fields arrive as text and are converted.)
+JSON_BODY = ConfigDict(extra="forbid", strict=True)
+
+
 class _Public(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -24,7 +29,7 @@ class _Public(BaseModel):
 class DatasetCreate(BaseModel):
     """Prepare a built-in dataset by name (the server fetches it; a client never names a path)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = JSON_BODY
     name: str = Name
     source: Literal[BUILTIN_SOURCES]  # type: ignore[valid-type]
     min_user: int = Field(5, ge=3, le=1_000_000)
@@ -75,7 +80,7 @@ ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
 
 
 class AliasSet(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = JSON_BODY
     model_id: str = Field(min_length=1, max_length=36)
 
 
@@ -89,10 +94,10 @@ class AliasPublic(_Public):
 class VisitorRecommend(BaseModel):
     """Top-k for a visitor with no account: the history comes with the request."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = JSON_BODY
     model: str = Field(min_length=1, max_length=100, description="model id or alias")
     items: list[ItemId] = Field(max_length=10_000, description="original item ids, oldest first")
-    k: int = Field(10, ge=1)
+    k: int = Field(10, ge=1, description="how many items; a k past the catalogue's size lists all of it")
 
 
 class RecommendedItem(BaseModel):
@@ -111,7 +116,7 @@ class EventsCreate(BaseModel):
     """Interactions to append to a user's history, oldest first. The dataset is named directly or
     through a model (id or alias) trained on it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = JSON_BODY
     items: list[ItemId] = Field(min_length=1, max_length=1000)
     dataset_id: str | None = Field(None, max_length=36)
     model: str | None = Field(None, max_length=100)

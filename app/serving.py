@@ -266,7 +266,7 @@ class Recommender:
     async def for_user(self, ref: str, user: str, k: int) -> tuple[Served, Ranked]:
         with self.batcher.reserve():
             s = await self.served(ref)
-            k = check_k(k, s.ds.n_items)
+            k = check_k(min(k, s.ds.n_items), s.ds.n_items)  # a k past the catalogue lists all of it
             try:
                 u = s.ds.user_index(user)
             except DataError:
@@ -278,7 +278,7 @@ class Recommender:
     async def for_visitor(self, ref: str, items: Sequence, k: int) -> tuple[Served, Ranked]:
         with self.batcher.reserve():
             s = await self.served(ref)
-            k = check_k(k, s.ds.n_items)
+            k = check_k(min(k, s.ds.n_items), s.ds.n_items)
             history = np.asarray(events_svc.internal_items(s.ds, items), dtype=np.int64)
             return s, await self.batcher.submit(Query(s, k, items=history))
 

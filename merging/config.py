@@ -169,8 +169,8 @@ def parse_config(doc: dict, source: str = "merge config", needs_files: bool = Fa
                 FisherSettings.model_validate(merge_settings(cfg.fisher))
             except ValidationError as e:
                 errors += _errors(e, "fisher")
-    weights = cfg.weights
-    if not errors and weights is not None and sum(weights) <= 0:
+    weights = cfg.weights if not errors else None  # a weight that is not a number is already an error above
+    if weights is not None and sum(weights) <= 0:
         errors.append({"loc": "models", "msg": "the weights sum to 0; at least one must be positive"})
     if errors:
         raise ConfigError(errors, source)

@@ -34,12 +34,13 @@ class ErrorBody(BaseModel):
     errors: list[FieldError] = Field(description="the fields at fault, when the problem is in fields")
 
 
-_WHY = {
+WHY = {
     400: "the uploaded file is not what it claims to be (not safetensors, truncated, not text)",
     401: "a token is required for this call and was missing or wrong",
     404: "a resource named in the path or the body does not exist",
     405: "the path exists, the method does not (the Allow header lists the methods)",
-    409: "the request conflicts with the resource's state",
+    409: "the request conflicts with the state of what it names: a job already over, models of different "
+         "datasets or backbones, more Fisher items than the dataset has",
     413: "the request body is larger than RECMERGE_MAX_UPLOAD_BYTES",
     415: "the body's content type is not one this route reads",
     422: "the request is well formed but its values are refused (each field at fault in `errors`)",
@@ -55,7 +56,7 @@ def documented(*statuses: int, json_route: bool = True) -> dict[int | str, dict]
     for status in statuses:
         out[status] = ({"model": ErrorBody} if json_route else
                        {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}})
-        out[status]["description"] = _WHY[status]
+        out[status]["description"] = WHY[status]
         if status == 401:
             out[status]["headers"] = _AUTH_HEADER
     return out
@@ -92,33 +93,12 @@ def allowed_methods(app: FastAPI, scope) -> list[str]:
     return sorted(methods)
 
 
-def _one_error_schema(app: FastAPI) -> None:
-    """FastAPI documents a 422 of its own (HTTPValidationError) on every route with parameters; the answers
-    carry ErrorBody, so the document says ErrorBody there too."""
-    build = app.openapi
-
-    def openapi() -> dict:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        doc = build()
-        ours = {"$ref": "#/components/schemas/ErrorBody"}
-        for item in doc.get("paths", {}).values():
-            for op in item.values():
-                answer = op.get("responses", {}).get("422")
-                if answer is not None:
-                    answer["content"] = {"application/json": {"schema": ours}}
-                    answer["description"] = _WHY[422]
-        schemas = doc.get("components", {}).get("schemas", {})
-        for name in ("HTTPValidationError", "ValidationError"):
-            schemas.pop(name, None)
-        app.openapi_schema = doc
-        return doc
-
-    app.openapi = openapi
+# What Starlette and FastAPI answer when a body cannot be read as the content type it declares (bytes that are
+# not UTF-8, a broken multipart stream): a body that cannot be read is refused as malformed JSON is, 422.
+_UNREADABLE_BODY = "There was an error parsing the body"
 
 
 def install(app: FastAPI) -> None:
-    _one_error_schema(app)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -126,6 +106,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException):
+        if exc.status_code == 400 and exc.detail == _UNREADABLE_BODY:
+            return validation_response([{"loc": ["body"], "msg": "the body cannot be read as its content type "
+                                         f"({request.headers.get('content-type', 'none')[:100]})",
+                                         "type": "body_unreadable"}])
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             headers["Allow"] = ", ".join(allowed_methods(request.app, request.scope))

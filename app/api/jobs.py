@@ -72,7 +72,7 @@ async def merge_request(request: Request) -> MergeJobCreate:
         doc = merge_configs.read_document(await request.body(), request.headers.get("content-type", ""))
         if merge_configs.is_config(doc):
             return merge_configs.spec_from_config(doc)
-        return MergeJobCreate.model_validate(doc)
+        return MergeJobCreate.model_validate(doc, strict=True)
     except ConfigError as e:
         raise RequestValidationError([{"type": "value_error", "loc": ("body", *[p for p in x["loc"].split(".") if p]),
                                        "msg": x["msg"]} for x in e.errors]) from None
@@ -85,7 +85,7 @@ MergeRequest = Annotated[MergeJobCreate, Depends(merge_request)]
 
 
 @router.post("/train-jobs", response_model=JobPublic, status_code=202, dependencies=[WriteAccess],
-             responses=documented(401, 404, 413, 422))
+             responses=documented(401, 404, 409, 413, 422))
 def create_train_job(body: TrainJobCreate, session: SessionDep, bg: BackgroundDep,
                      idempotency_key: IdempotencyKey = None):
     """Train a recipe on a dataset (optionally from `init_model_id`); the model is registered when it ends."""
@@ -98,7 +98,7 @@ def get_job(job_id: str, session: SessionDep):
 
 
 @router.post("/merge-jobs", response_model=MergeJobPublic, status_code=202, dependencies=[WriteAccess],
-             openapi_extra=MERGE_BODY_DOC, responses=documented(401, 404, 413, 422))
+             openapi_extra=MERGE_BODY_DOC, responses=documented(401, 404, 409, 413, 422))
 def create_merge_job(body: MergeRequest, session: SessionDep, store: StoreDep, bg: BackgroundDep,
                      idempotency_key: IdempotencyKey = None):
     """Merge registered models. With method `fisher` each ingredient's Fisher is estimated (in parallel,

@@ -25,7 +25,7 @@ async def recommend_user(
     user: Annotated[str, Path(max_length=200, description="original user id in the model's dataset")],
     recommender: RecommenderDep,
     model: Annotated[str, Query(min_length=1, max_length=100, description="model id or alias")],
-    k: Annotated[int, Query(ge=1)] = 10,
+    k: Annotated[int, Query(ge=1, description="how many items; a k past the catalogue's size lists all of it")] = 10,
 ):
     """Top-k next items for a user: history = the dataset's sequence + events added through the API;
     items in the history are not recommended."""

@@ -9,7 +9,7 @@ from sqlalchemy import Connection, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from app.services.datasets import get_dataset
-from app.services.errors import Unprocessable
+from app.services.errors import NotFound, Unprocessable
 from app.services.models import resolve
 from core.db_models import Dataset, Event
 from models.data import PreparedDataset
@@ -25,11 +25,12 @@ def target_dataset(session: Session, dataset_id: str | None, model_ref: str | No
 
 
 def internal_items(ds: PreparedDataset, items: Iterable) -> list[int]:
-    """Original item ids -> internal ids; an id the dataset does not know is refused by name."""
+    """Original item ids -> internal ids; an id the dataset does not know is refused by name, as an unknown
+    user is: 404, a thing the request names that does not exist."""
     try:
         return [ds.item_index(str(i)) for i in items]
     except DataError as e:
-        raise Unprocessable(str(e)) from None
+        raise NotFound(str(e)) from None
 
 
 def append(session: Session, dataset: Dataset, prepared: PreparedDataset, user: str, items: list) -> int:

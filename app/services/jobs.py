@@ -1,5 +1,6 @@
-"""Jobs as the API sees them: check a request against the database (unknown ids -> 404, things that can
-never work -> 422) before anything is queued, then create the job rows and send them.
+"""Jobs as the API sees them: check a request against the database before anything is queued (a request
+that cannot work by itself -> 422, ids that do not exist -> 404, things that exist but do not fit
+together -> 409), then create the job rows and send them.
 
 A merge job fans out: one Fisher job per ingredient whose Fisher is not cached (method fisher), one
 evaluation job per ingredient not yet scored on the requested protocols (evaluate: true). They run in
@@ -49,12 +50,12 @@ def submit_train(session: Session, spec: TrainSpec, key: str | None = None) -> t
     if spec.init_model_id:
         init = _model(session, spec.init_model_id, "init_model_id")
         if init.dataset_id != spec.dataset_id:
-            raise Unprocessable(f"init_model_id: model {init.id} was trained on dataset {init.dataset_id}, "
-                                f"not {spec.dataset_id}")
+            raise Conflict(f"init_model_id: model {init.id} was trained on dataset {init.dataset_id}, "
+                           f"not {spec.dataset_id}")
         for k in ("kind", "hidden", "layers", "heads", "inner", "max_len"):
             if init.backbone.get(k) != getattr(spec, "backbone" if k == "kind" else k):
-                raise Unprocessable(f"init_model_id: model {init.id} has {k}={init.backbone.get(k)}, "
-                                    f"the request asks for {getattr(spec, 'backbone' if k == 'kind' else k)}")
+                raise Conflict(f"init_model_id: model {init.id} has {k}={init.backbone.get(k)}, "
+                               f"the request asks for {getattr(spec, 'backbone' if k == 'kind' else k)}")
     job = jobs.create(session, "train", spec.model_dump(), idempotency_key=key)
     return job, [(job.id, "train")]
 
@@ -80,14 +81,14 @@ def _check_merge(session: Session, spec: MergeSpec) -> tuple[list[Model], Model 
     ignore = {"dropout"}  # a training choice, not a parameter
     for other in rows[1:] + ([base] if base else []):
         if other.dataset_id != ref.dataset_id:
-            raise Unprocessable(f"model_ids: model {other.id} was trained on dataset {other.dataset_id}, "
-                                f"model {ref.id} on {ref.dataset_id}; only models of one dataset merge")
+            raise Conflict(f"model_ids: model {other.id} was trained on dataset {other.dataset_id}, "
+                           f"model {ref.id} on {ref.dataset_id}; only models of one dataset merge")
         diff = sorted(k for k in set(ref.backbone) | set(other.backbone)
                       if k not in ignore and ref.backbone.get(k) != other.backbone.get(k))
         if diff:
             k = diff[0]
-            raise Unprocessable(f"model_ids: model {other.id} has backbone {k}={other.backbone.get(k)}, "
-                                f"model {ref.id} has {ref.backbone.get(k)}")
+            raise Conflict(f"model_ids: model {other.id} has backbone {k}={other.backbone.get(k)}, "
+                           f"model {ref.id} has {ref.backbone.get(k)}")
     return rows, base
 
 
@@ -102,7 +103,7 @@ def submit_merge(session: Session, spec: MergeSpec, key: str | None = None, stor
     dataset = session.get(Dataset, rows[0].dataset_id)
     fingerprint = dataset.fingerprint
     if spec.fisher is not None and spec.fisher.n is not None and spec.fisher.n > dataset.n_items:
-        raise Unprocessable(f"fisher.n: {spec.fisher.n} items per sequence, but the dataset has {dataset.n_items}")
+        raise Conflict(f"fisher.n: {spec.fisher.n} items per sequence, but the dataset has {dataset.n_items}")
     parent_id = jobs.new_id()
     children: list[Job] = []
     if spec.fisher is not None:  # the spec sets it exactly where the method weighs by Fishers

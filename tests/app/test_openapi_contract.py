@@ -4,6 +4,7 @@ built-in download answers a documented 503 when offline. (tests/app/test_fuzz.py
 
 from __future__ import annotations
 
+import json
 import socket
 
 import jsonschema
@@ -96,3 +97,95 @@ def test_the_builtin_download_answers_a_documented_503_when_offline(client, tmp_
     assert r.json()["detail"].startswith("could not download ml-100k: GroupLens (" + dead), r.text
     jsonschema.validate(r.json(), _error_schema(client.get("/openapi.json").json(), "/datasets", "post", 503))
     assert client.get("/datasets").json() == []
+
+
+def _request_schema(doc: dict, path: str, media_type: str = "application/json") -> dict:
+    return _resolve(doc, doc["paths"][path]["post"]["requestBody"]["content"][media_type]["schema"])
+
+
+def test_cross_field_rules_are_in_the_request_schemas(client):
+    """What the service refuses by the rules between fields the schema refuses too, and what the schema
+    allows the service takes as far as the ids it names (404: they do not exist here)."""
+    doc = client.get("/openapi.json").json()
+    merge, train = _request_schema(doc, "/merge-jobs"), _request_schema(doc, "/train-jobs")
+    merge_yaml = _request_schema(doc, "/merge-jobs", "application/yaml")
+    events = _request_schema(doc, "/users/{user}/events")
+    refused_by_both = [
+        ("/merge-jobs", merge, {"method": "weighted", "model_ids": ["a"], "weights": []}),
+        ("/merge-jobs", merge, {"method": "weighted", "model_ids": ["a", "b"], "weights": [0, 0]}),  # all zero
+        ("/merge-jobs", merge, {"method": "uniform", "model_ids": ["a", "a"]}),  # a model twice
+        ("/merge-jobs", merge, {"method": "uniform", "model_ids": ["a"], "weights": [1.0]}),  # takes no weights
+        ("/merge-jobs", merge, {"method": "ties", "model_ids": ["a"]}),  # task vectors need a base
+        ("/merge-jobs", merge, {"method": "uniform", "model_ids": ["a"], "base_model_id": "b"}),
+        ("/merge-jobs", merge, {"method": "uniform", "model_ids": ["a"], "fisher": {"sampling": "exact"}}),
+        ("/merge-jobs", merge, {"method": "fisher", "model_ids": ["a"], "fisher": {"sampling": "topk"}}),  # no n
+        ("/merge-jobs", merge, {"method": "fisher", "model_ids": ["a"], "fisher": {"sampling": "exact", "n": 3}}),
+        ("/merge-jobs", merge, {"method": "ties", "model_ids": ["a"], "base_model_id": "b",
+                                "options": {"density": 3}}),
+        ("/merge-jobs", merge, {"method": "weight-search", "model_ids": ["a"]}),  # an average needs two
+        ("/merge-jobs", merge, {"method": "weight-search", "model_ids": ["a", "b"],
+                                "options": {"combine": "task-vectors"}}),  # task vectors need a base
+        ("/merge-jobs", merge, {"method": "no-such-method", "model_ids": ["a"]}),
+        ("/merge-jobs", merge, {"merge_method": "ties", "models": [{"model": "a"}]}),  # config: base needed
+        ("/merge-jobs", merge, {"merge_method": "weighted", "models": [{"model": "a", "parameters": {"weight": 0}}]}),
+        ("/merge-jobs", merge, {"merge_method": "uniform", "models": [{"model": "a"}], "dataset": "data/x"}),
+        ("/train-jobs", train, {"dataset_id": "d", "recipe": "duorec", "options": {"no_such_option": 1}}),
+        ("/train-jobs", train, {"dataset_id": "d", "recipe": "bert4rec", "options": {"cl_weight": 0.1}}),
+        ("/train-jobs", train, {"dataset_id": "d", "recipe": "no-such-recipe"}),
+        ("/train-jobs", train, {"dataset_id": "d", "epochs": True}),  # JSON booleans are not numbers
+        ("/users/u1/events", events, {"items": ["1"]}),  # the dataset named exactly once
+        ("/users/u1/events", events, {"items": ["1"], "dataset_id": "d", "model": "m"}),
+    ]
+    for path, schema, body in refused_by_both:
+        assert not jsonschema.Draft202012Validator(schema).is_valid(body), body
+        r = client.post(path, json=body, headers=AUTH)
+        assert r.status_code == 422, (body, r.text)
+    no_base = {"merge_method": "ties", "models": [{"model": "a"}]}
+    assert not jsonschema.Draft202012Validator(merge_yaml).is_valid(no_base)
+    accepted_by_schema = [
+        ("/merge-jobs", merge, {"method": "weighted", "model_ids": ["a", "b"], "weights": [1.0, 0]}),
+        ("/merge-jobs", merge, {"method": "ties", "model_ids": ["a"], "base_model_id": "b",
+                                "options": {"density": 0.3}}),
+        ("/merge-jobs", merge, {"method": "fisher", "model_ids": ["a", "b"], "fisher": {"sampling": "topk", "n": 3}}),
+        ("/merge-jobs", merge, {"method": "weight-search", "model_ids": ["a", "b"]}),
+        ("/merge-jobs", merge, {"method": "weight-search", "model_ids": ["a"], "base_model_id": "b",
+                                "options": {"combine": "task-vectors", "low": -1, "high": 2}}),
+        ("/merge-jobs", merge, {"merge_method": "ties", "models": [{"model": "a", "parameters": {"weight": 2}}],
+                                "base_model": "b", "name": "job fields beside a config"}),
+        ("/train-jobs", train, {"dataset_id": "d", "heads": 3, "hidden": 48}),
+        ("/train-jobs", train, {"dataset_id": "d", "recipe": "duorec", "options": {"cl_weight": 0.1}}),
+        ("/users/u1/events", events, {"items": ["1"], "model": "m"}),
+    ]
+    for path, schema, body in accepted_by_schema:
+        assert jsonschema.Draft202012Validator(schema).is_valid(body), body
+        r = client.post(path, json=body, headers=AUTH)
+        assert r.status_code == 404, (body, r.text)  # valid in form: refused only because the ids do not exist
+
+
+def test_security_is_documented_for_the_doors_that_have_a_token(tmp_path):
+    def doc(**tokens) -> dict:
+        app = create_app(make_settings(tmp_path / str(len(tokens)), **tokens), jobs=False)
+        return app.openapi()
+
+    def guarded(d: dict, method: str, path: str) -> bool:
+        op = d["paths"][path][method]
+        assert ("security" in op) == ("401" in op["responses"]), (method, path)  # a 401 only behind a token
+        return "security" in op
+
+    write_only = doc(API_TOKEN=TOKEN)
+    assert guarded(write_only, "post", "/merge-jobs") and not guarded(write_only, "get", "/datasets")
+    assert not guarded(write_only, "get", "/recommend/{user}") and not guarded(write_only, "get", "/healthz")
+    closed = doc(API_TOKEN=TOKEN, READ_TOKEN="r", RECOMMEND_TOKEN="c")
+    assert guarded(closed, "get", "/datasets") and guarded(closed, "get", "/recommend/{user}")
+    assert not guarded(closed, "get", "/healthz")
+    open_ = doc()
+    assert not any(guarded(open_, m, p) for p, item in open_["paths"].items() for m in item)
+
+
+def test_form_fields_are_never_null_and_unreadable_bodies_are_422(client):
+    doc = client.get("/openapi.json").json()
+    form = _request_schema(doc, "/datasets", "multipart/form-data")
+    assert all("null" not in json.dumps(prop) for prop in form["properties"].values()), form  # left out, not null
+    r = client.post("/recommend", content=b"\xff\xfe{", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["body"], r.text
+    jsonschema.validate(r.json(), _error_schema(doc, "/recommend", "post", 422))

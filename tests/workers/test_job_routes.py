@@ -58,8 +58,8 @@ def _post(svc, path, body, status, message=None, **kw):
     ({"dataset_id": "{d1}", "hidden": 30, "heads": 4}, 422, "hidden (30) must be divisible by heads (4)"),
     ({"dataset_id": "{d1}", "init_model_id": "nope"}, 404, "init_model_id: model 'nope' not found"),
     ({"dataset_id": "{d1}", "init_model_id": "{other}", "hidden": 16, "layers": 1, "inner": 32, "max_len": 20},
-     422, "was trained on dataset"),
-    ({"dataset_id": "{d1}", "init_model_id": "{a}"}, 422, "init_model_id: model"),  # 64 wide vs its 16
+     409, "was trained on dataset"),  # both exist; they do not fit together
+    ({"dataset_id": "{d1}", "init_model_id": "{a}"}, 409, "init_model_id: model"),  # 64 wide vs its 16
     ({"dataset_id": "{d1}", "out": "/etc/passwd"}, 422, "out"),  # no field names a server path
 ])
 def test_train_job_refusals(svc, world, body, status, message):
@@ -73,15 +73,15 @@ def test_train_job_refusals(svc, world, body, status, message):
     ({"method": "weighted", "model_ids": ["{a}", "{b}"], "weights": [1.0]}, 422, "weights has 1 entries for 2"),
     ({"method": "uniform", "model_ids": ["{a}", "{a}"]}, 422, "lists a model twice"),
     ({"method": "uniform", "model_ids": []}, 422, "model_ids"),
-    ({"method": "uniform", "model_ids": ["{a}", "{other}"]}, 422, "only models of one dataset merge"),
-    ({"method": "uniform", "model_ids": ["{a}", "{wide}"]}, 422, "has backbone hidden=32"),
+    ({"method": "uniform", "model_ids": ["{a}", "{other}"]}, 409, "only models of one dataset merge"),
+    ({"method": "uniform", "model_ids": ["{a}", "{wide}"]}, 409, "has backbone hidden=32"),
     ({"method": "task-arithmetic", "model_ids": ["{a}", "{b}"]}, 422, "needs a base model"),
     ({"method": "uniform", "model_ids": ["{a}"], "base_model_id": "{b}"}, 422, "does not use a base model"),
     ({"method": "uniform", "model_ids": ["{a}", "{b}"], "fisher": {"sampling": "target"}}, 422, "uses no Fisher"),
     ({"method": "fisher", "model_ids": ["{a}", "{b}"], "fisher": {"sampling": "all"}}, 422, "sampling"),
     ({"method": "fisher", "model_ids": ["{a}", "{b}"], "fisher": {"sampling": "exact", "n": 3}}, 422,
      "n applies to sampling random/topk/model only"),
-    ({"method": "fisher", "model_ids": ["{a}", "{b}"], "fisher": {"sampling": "topk", "n": 999}}, 422,
+    ({"method": "fisher", "model_ids": ["{a}", "{b}"], "fisher": {"sampling": "topk", "n": 999}}, 409,
      "fisher.n: 999 items per sequence, but the dataset has 30"),
     ({"method": "ties", "model_ids": ["{a}"], "base_model_id": "{b}", "options": {"density": 7}}, 422, "density"),
 ])
