@@ -9,6 +9,8 @@ reserved behind another). No result backend: results and progress live in the jo
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 
 from celery import Celery
@@ -71,18 +73,26 @@ class CeleryDispatcher:
         # By name through this dispatcher's own app: its broker comes from the Settings it was made with.
         self.celery.send_task(TASKS[kind].name, args=[job_id], task_id=message_id, queue=QUEUE)
 
-    def pending(self, message_id: str) -> bool | None:
-        """Is the message in the Redis queue or held unacknowledged by a worker? Kombu keeps the queue
-        as a list named after it and delivered-but-unacked messages in the `unacked` hash."""
+    def _client(self):
+        """The broker's Redis, or None when the broker is not Redis."""
         url = self.celery.conf.broker_url or ""
         if not url.startswith(("redis://", "rediss://")):
             return None
+        if self._redis is None:
+            import redis
+
+            self._redis = redis.Redis.from_url(url, socket_timeout=5)
+        return self._redis
+
+    def pending(self, message_id: str) -> bool | None:
+        """Is the message in the Redis queue or held unacknowledged by a worker? Kombu keeps the queue
+        as a list named after it and delivered-but-unacked messages in the `unacked` hash."""
         import redis
 
         try:
-            if self._redis is None:
-                self._redis = redis.Redis.from_url(url, socket_timeout=5)
-            r = self._redis
+            r = self._client()
+            if r is None:
+                return None
             needle = message_id.encode()
             lists = [QUEUE] + [f"{QUEUE}\x06\x16{p}" for p in (1, 2, 3, 4, 5, 6, 7, 8, 9)]
             for name in lists:
@@ -91,3 +101,41 @@ class CeleryDispatcher:
             return any(needle in m for m in r.hvals("unacked"))
         except redis.RedisError:
             return None  # the broker is down: nothing can be sent anyway
+
+    def held(self) -> list[tuple[str, str, str]]:
+        """(delivery tag, message id, job id) of every message delivered and not acknowledged. Kombu's
+        `unacked` hash maps a delivery tag to [message, exchange, routing key]; the message's body is our
+        task's [args, kwargs, embed], base64-encoded, args = [job_id]."""
+        import redis
+
+        try:
+            r = self._client()
+            entries = r.hgetall("unacked") if r is not None else {}
+        except redis.RedisError:
+            return []
+        out = []
+        for tag, raw in entries.items():
+            try:
+                message = json.loads(raw)[0]
+                body = message["body"]
+                if message.get("properties", {}).get("body_encoding") == "base64":
+                    body = base64.b64decode(body)
+                out.append((tag.decode(), message["headers"]["id"], json.loads(body)[0][0]))
+            except (ValueError, KeyError, IndexError, TypeError):
+                continue  # not one of ours: leave it alone
+        return out
+
+    def forget(self, tags: list[str]) -> None:
+        """Drop deliveries from the unacked set (and its index) as an ack would. A worker that still holds
+        one acks it later without harm; one that was killed never will, and kombu would otherwise deliver
+        the message again only after the visibility timeout."""
+        if not tags:
+            return
+        import redis
+
+        try:
+            r = self._client()
+            if r is not None:
+                r.pipeline().zrem("unacked_index", *tags).hdel("unacked", *tags).execute()
+        except redis.RedisError:
+            pass  # the next sweep tries again

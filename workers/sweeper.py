@@ -9,7 +9,9 @@ SWEEP_INTERVAL_S:
   message (Redis restarted, a send that failed): sent again. A broker that cannot tell gets the
   message again after HEARTBEAT_TIMEOUT_S; a duplicate is harmless (the claim drops it);
 - queued and waiting for children that have all ended (the process that should have released it
-  died in between): released.
+  died in between): released;
+- a delivery in the broker's unacked set whose job has ended or was sent again under a new message id
+  (its worker was killed before it could ack): dropped.
 """
 
 from __future__ import annotations
@@ -61,7 +63,30 @@ def sweep_once(res: Resources) -> dict[str, list[str]]:
             log.warning("job %s: message lost (queued %.0f s), sent again", job.id, age)
             res.dispatch(job.id, job.kind)
             report["resent"].append(job.id)
+    report["forgotten"] = _forget_stale_deliveries(res)
     return report
+
+
+def _forget_stale_deliveries(res: Resources) -> list[str]:
+    """A worker killed as a whole never acks: its message stays in the broker's unacked set until the
+    visibility timeout (12 h) and is then delivered again for nothing. Once the job row says the message
+    no longer matters — the job ended, or was sent again under another message id — it is dropped.
+    Returns the message ids dropped."""
+    held = getattr(res.dispatcher, "held", None)
+    if held is None:
+        return []
+    deliveries = held()
+    if not deliveries:
+        return []
+    with res.session() as s:
+        rows = {j.id: (j.status, j.celery_id)
+                for j in s.scalars(select(Job).where(Job.id.in_({job_id for _, _, job_id in deliveries})))}
+    stale = [(tag, message_id) for tag, message_id, job_id in deliveries
+             if job_id in rows and (rows[job_id][0] in jobs.TERMINAL or rows[job_id][1] != message_id)]
+    if stale:
+        res.dispatcher.forget([tag for tag, _ in stale])
+        log.info("dropped %d unacknowledged deliveries of ended or re-sent jobs", len(stale))
+    return [message_id for _, message_id in stale]
 
 
 def _aware(ts):

@@ -1,5 +1,6 @@
 """The Celery app's reliability settings (SPEC §8): what makes a dead worker's message survive."""
 
+from tests.conftest_services import redis_server, redis_url  # noqa: F401
 from workers.celery_app import QUEUE, TASKS, make_celery
 from workers.tasks import BODIES
 
@@ -20,3 +21,60 @@ def test_one_task_per_job_kind_on_the_gpu_queue():
     for kind, task in TASKS.items():
         assert task.name == f"recmerge.{kind}"
         assert app.amqp.router.route({}, task.name)["queue"].name == QUEUE
+
+
+def _deliver_and_die(broker_url: str, n: int) -> None:
+    """A consumer that takes n messages without acknowledging them and is then killed: no ack, no
+    restore on close — what a SIGKILLed worker leaves in kombu's unacked set."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from kombu import Connection\n"
+            "ch = Connection(sys.argv[1]).default_channel\n"
+            f"assert all(ch.basic_get('{QUEUE}', no_ack=False) for _ in range({n}))\n"
+            "os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", code, broker_url], check=True, timeout=60)
+
+
+def test_sweeper_drops_the_unacked_deliveries_of_killed_workers_once_their_jobs_ended_or_were_resent(
+        tmp_path, redis_url):  # noqa: F811
+    import redis
+
+    from app.migrate import upgrade
+    from core import jobs
+    from core.db_models import Job
+    from core.settings import Settings
+    from workers.celery_app import CeleryDispatcher
+    from workers.resources import Resources
+    from workers.sweeper import sweep_once
+
+    settings = Settings(DATA_DIR=tmp_path / "svc", BROKER_URL=redis_url, DATABASE_URL="", STORE_URL="",
+                        HEARTBEAT_TIMEOUT_S=60)
+    upgrade(settings.DATABASE_URL)
+    res = Resources(settings, CeleryDispatcher(make_celery(redis_url)))
+    ids = {}
+    for name in ("running", "ended", "resent"):
+        with res.session() as s, s.begin():
+            ids[name] = jobs.create(s, "fisher", {}).id
+        res.dispatch(ids[name], "fisher")
+    with res.session() as s:
+        first = {name: s.get(Job, jid).celery_id for name, jid in ids.items()}
+    _deliver_and_die(redis_url, 3)
+    r = redis.Redis.from_url(redis_url)
+    assert r.hlen("unacked") == r.zcard("unacked_index") == 3 and r.llen(QUEUE) == 0
+
+    with res.session() as s, s.begin():
+        for name, status in (("running", "running"), ("ended", "succeeded"), ("resent", "queued")):
+            s.get(Job, ids[name]).status = status
+            s.get(Job, ids[name]).heartbeat_at = jobs.now()  # nobody is lost yet
+    res.dispatch(ids["resent"], "fisher")  # as the sweeper does for a lost attempt: a new message id
+
+    report = sweep_once(res)
+    assert sorted(report["forgotten"]) == sorted([first["ended"], first["resent"]])
+    held = res.dispatcher.held()
+    assert [(m, j) for _, m, j in held] == [(first["running"], ids["running"])]  # a live job's delivery stays
+    assert r.zcard("unacked_index") == 1
+    assert res.dispatcher.pending(first["running"]) is True
+    assert r.llen(QUEUE) == 1  # the re-sent message waits for a worker
+    assert sweep_once(res)["forgotten"] == []
+    res.engine.dispose()
