@@ -23,6 +23,6 @@ def test_api_flow_on_postgres(make_service, postgres_url, tmp_path):
     before = svc.snapshot()
     bad = svc.upload_recipe(checkpoint_bytes(tmp_path, "0" * 64, d["n_items"]), d["id"])
     assert bad.status_code == 422 and "fingerprint" in bad.json()["detail"]
-    assert svc.client.post("/users/u2/events", json={"items": ["nope"], "model": "production"}).status_code == 422
+    assert svc.client.post("/users/u2/events", json={"items": ["nope"], "model": "production"}).status_code == 404
     assert svc.snapshot() == before
     assert before[0] == {"datasets": 1, "jobs": 0, "models": 1, "aliases": 1, "fishers": 0, "events": 2}
