@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from models.train import TrainConfig, train  # noqa: E402
 ZOO = ROOT / "zoo"
 SOURCES = {"ml-1m": ROOT.parent / "shared" / "data" / "ml-1m", "ml-100k": ROOT.parent / "shared" / "data" / "ml-100k"}
 PROTOCOLS = ("full", "random100", "popular100")
+READING = "## Reading it (written after the run)"
 SPLITS = ("valid", "test")
 
 
@@ -153,6 +155,7 @@ def main() -> None:
                     help="comma-separated parts to run (the table prints every cached row anyway)")
     ap.add_argument("--fisher-variants", default="all", choices=["all", "default"],
                     help="all: the whole diagnosis; default: the default and normalised Fisher merges only")
+    ap.add_argument("--skip", action="append", default=[], help="leave out this Fisher variant (repeatable)")
     ap.add_argument("--redo", action="append", default=[], help="recompute this row (repeatable)")
     ap.add_argument("--ft-epochs", type=int, default=1, help="plain epochs after the best merge (and its control)")
     ap.add_argument("--threads", type=int, default=1)
@@ -167,9 +170,9 @@ def main() -> None:
     log = work / "commands.json"
     commands = json.loads(log.read_text()) if log.exists() else []
     if args.sections != "none":
-        commands.append(" ".join([".venv/bin/python"] + sys.argv))
+        commands.append({"command": shlex.join([".venv/bin/python"] + sys.argv), "machine": machine.line()})
         log.write_text(json.dumps(commands, indent=1))
-    args.commands = commands or [" ".join([".venv/bin/python"] + sys.argv)]
+    args.commands = commands
     for name in args.redo:
         table.drop(name)
     sections = set(args.sections.split(","))
@@ -251,7 +254,7 @@ def main() -> None:
         if args.fisher_variants == "default":
             variants = variants[:2]
         for label, settings, options, members in variants:
-            if table.has(label) or len(members) < 2:
+            if table.has(label) or len(members) < 2 or label in args.skip:
                 continue
             fs, fisher_s = fishers(settings, members)
             scored_merge(label, "fisher", members, "fisher", fishers=fs, options=options)
@@ -309,8 +312,8 @@ def fmt(table: Table, name: str, key: str) -> str:
 def report(args, table: Table, names: list[str], best_ing: str, base_entry: dict, seconds: float) -> None:
     lines = [f"# Merge quality on {args.dataset}: {args.backbone} zoo", "",
              "Commands, in order (each run adds the rows its cache lacks; `--sections none` only rewrites this "
-             "file):", "", *[f"    {c}" for c in args.commands], "",
-             f"Machine: {machine.line()}; this invocation {seconds / 60:.1f} min (cached rows are not recomputed).", "",
+             "file), each with its machine at the start:", "",
+             *[f"    {c['command']}\n      # {c['machine']}" for c in args.commands], "",
              f"Base: `{base_entry['file']}`. Ingredients: {', '.join(f'{args.backbone}-ft-{n}' for n in names)} "
              f"(each the base plus the same extra epochs of one recipe; `plain` is the plain continuation). "
              f"Best ingredient by validation: **{best_ing}**.", "",
@@ -354,7 +357,10 @@ def report(args, table: Table, names: list[str], best_ing: str, base_entry: dict
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        Path(args.out).write_text(text)
+        out = Path(args.out)
+        # The reading below the generated table is written by hand after a run; a rerun keeps it.
+        kept = out.read_text().partition(READING)[2] if out.exists() else ""
+        out.write_text(text + (f"\n{READING}{kept}" if kept else ""))
 
 
 if __name__ == "__main__":
