@@ -155,6 +155,8 @@ def main() -> None:
                     help="comma-separated parts to run (the table prints every cached row anyway)")
     ap.add_argument("--fisher-variants", default="all", choices=["all", "default"],
                     help="all: the whole diagnosis; default: the default and normalised Fisher merges only")
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME=PATH",
+                    help="one more ingredient outside the zoo (a fine-tune of the same base; repeatable)")
     ap.add_argument("--skip", action="append", default=[], help="leave out this Fisher variant (repeatable)")
     ap.add_argument("--redo", action="append", default=[], help="recompute this row (repeatable)")
     ap.add_argument("--ft-epochs", type=int, default=1, help="plain epochs after the best merge (and its control)")
@@ -180,6 +182,10 @@ def main() -> None:
     base = ROOT / base_entry["file"]
     names = [m["name"].removeprefix(f"{args.backbone}-ft-") for m in ft_entries]
     paths = {n: ROOT / m["file"] for n, m in zip(names, ft_entries)}
+    for spec in args.extra:
+        name, _, path = spec.partition("=")
+        names.append(name)
+        paths[name] = Path(path)
     merges = work / "merges"
     merges.mkdir(exist_ok=True)
     fisher_cache = work / "fisher-cache"
@@ -310,11 +316,16 @@ def fmt(table: Table, name: str, key: str) -> str:
 
 
 def report(args, table: Table, names: list[str], best_ing: str, base_entry: dict, seconds: float) -> None:
+    extra = {spec.partition("=")[0]: spec.partition("=")[2] for spec in args.extra}
+
+    def label(n: str) -> str:
+        return f"{n} (`{extra[n]}`)" if n in extra else f"{args.backbone}-ft-{n}"
+
     lines = [f"# Merge quality on {args.dataset}: {args.backbone} zoo", "",
              "Commands, in order (each run adds the rows its cache lacks; `--sections none` only rewrites this "
              "file), each with its machine at the start:", "",
              *[f"    {c['command']}\n      # {c['machine']}" for c in args.commands], "",
-             f"Base: `{base_entry['file']}`. Ingredients: {', '.join(f'{args.backbone}-ft-{n}' for n in names)} "
+             f"Base: `{base_entry['file']}`. Ingredients: {', '.join(label(n) for n in names)} "
              f"(each the base plus the same extra epochs of one recipe; `plain` is the plain continuation). "
              f"Best ingredient by validation: **{best_ing}**.", "",
              "| group | model | valid NDCG@10 | test NDCG@10 | test HR@10 | test NDCG@10 vs best ingredient "

@@ -84,6 +84,13 @@ def add(args) -> None:
         (round(history[-1]["minutes"], 1) if history and "minutes" in history[-1] else None),
         "machine": machine.line(), "command": args.command, "metrics": metrics, "note": args.note,
     }
+    if meta.merge:  # a merged model: what made it, beside the figures (the header holds the whole config)
+        merge = meta.merge if isinstance(meta.merge, dict) else json.loads(meta.merge)
+        search = merge.get("search") or {}
+        entry["merge"] = {"method": merge.get("method"), "options": merge.get("options"),
+                          "weights": merge.get("weights"), "base_sha256": merge.get("base"),
+                          "ingredients_sha256": merge.get("ingredients"),
+                          "coefficients": search.get("coefficients") if isinstance(search, dict) else None}
     manifest = load_manifest()
     manifest["models"] = [m for m in manifest["models"] if m["name"] != args.name or m["dataset"] != args.dataset]
     manifest["models"].append(entry)
