@@ -102,15 +102,19 @@ class CeleryDispatcher:
         except redis.RedisError:
             return None  # the broker is down: nothing can be sent anyway
 
-    def held(self) -> list[tuple[str, str, str]]:
-        """(delivery tag, message id, job id) of every message delivered and not acknowledged. Kombu's
-        `unacked` hash maps a delivery tag to [message, exchange, routing key]; the message's body is our
-        task's [args, kwargs, embed], base64-encoded, args = [job_id]."""
+    def held(self) -> list[tuple[str, str, str, float | None]]:
+        """(delivery tag, message id, job id, delivered at: epoch seconds) of every message delivered and not
+        acknowledged. Kombu's `unacked` hash maps a delivery tag to [message, exchange, routing key] and the
+        `unacked_index` zset scores it by delivery time; the message's body is our task's [args, kwargs,
+        embed], base64-encoded, args = [job_id]."""
         import redis
 
         try:
             r = self._client()
-            entries = r.hgetall("unacked") if r is not None else {}
+            if r is None:
+                return []
+            entries = r.hgetall("unacked")
+            when = dict(r.zrange("unacked_index", 0, -1, withscores=True))
         except redis.RedisError:
             return []
         out = []
@@ -120,7 +124,7 @@ class CeleryDispatcher:
                 body = message["body"]
                 if message.get("properties", {}).get("body_encoding") == "base64":
                     body = base64.b64decode(body)
-                out.append((tag.decode(), message["headers"]["id"], json.loads(body)[0][0]))
+                out.append((tag.decode(), message["headers"]["id"], json.loads(body)[0][0], when.get(tag)))
             except (ValueError, KeyError, IndexError, TypeError):
                 continue  # not one of ours: leave it alone
         return out

@@ -11,13 +11,15 @@ SWEEP_INTERVAL_S:
 - queued and waiting for children that have all ended (the process that should have released it
   died in between): released;
 - a delivery in the broker's unacked set whose job has ended or was sent again under a new message id
-  (its worker was killed before it could ack): dropped.
+  (its worker was killed before it could ack), or whose job is still queued long after the delivery
+  (its worker was killed before it could claim it): dropped.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import UTC
 
 from sqlalchemy import select
@@ -70,8 +72,11 @@ def sweep_once(res: Resources) -> dict[str, list[str]]:
 def _forget_stale_deliveries(res: Resources) -> list[str]:
     """A worker killed as a whole never acks: its message stays in the broker's unacked set until the
     visibility timeout (12 h) and is then delivered again for nothing. Once the job row says the message
-    no longer matters — the job ended, or was sent again under another message id — it is dropped.
-    Returns the message ids dropped."""
+    no longer matters — the job ended, or was sent again under another message id — it is dropped. So is
+    the delivery of a job still queued HEARTBEAT_TIMEOUT_S after it was delivered: a live worker claims
+    what it takes at once (one message per pool process, acks late), so its holder died between taking and
+    claiming it; once dropped, the message counts as lost and the next pass sends it again (a duplicate
+    would be harmless: the claim drops it). Returns the message ids dropped."""
     held = getattr(res.dispatcher, "held", None)
     if held is None:
         return []
@@ -80,13 +85,23 @@ def _forget_stale_deliveries(res: Resources) -> list[str]:
         return []
     with res.session() as s:
         rows = {j.id: (j.status, j.celery_id)
-                for j in s.scalars(select(Job).where(Job.id.in_({job_id for _, _, job_id in deliveries})))}
-    stale = [(tag, message_id) for tag, message_id, job_id in deliveries
-             if job_id in rows and (rows[job_id][0] in jobs.TERMINAL or rows[job_id][1] != message_id)]
-    if stale:
-        res.dispatcher.forget([tag for tag, _ in stale])
-        log.info("dropped %d unacknowledged deliveries of ended or re-sent jobs", len(stale))
-    return [message_id for _, message_id in stale]
+                for j in s.scalars(select(Job).where(Job.id.in_({d[2] for d in deliveries})))}
+    now = time.time()
+
+    def stale(message_id: str, job_id: str, delivered: float | None) -> bool:
+        if job_id not in rows:
+            return False
+        status, current = rows[job_id]
+        if status in jobs.TERMINAL or current != message_id:
+            return True
+        return status == "queued" and delivered is not None and now - delivered > res.settings.HEARTBEAT_TIMEOUT_S
+
+    dropped = [(tag, message_id) for tag, message_id, job_id, delivered in deliveries
+               if stale(message_id, job_id, delivered)]
+    if dropped:
+        res.dispatcher.forget([tag for tag, _ in dropped])
+        log.info("dropped %d unacknowledged deliveries of ended, re-sent or orphaned jobs", len(dropped))
+    return [message_id for _, message_id in dropped]
 
 
 def _aware(ts):
