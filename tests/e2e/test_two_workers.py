@@ -19,9 +19,11 @@ from tests.e2e.services import start_api, start_worker, store_is_clean, wait_for
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 
 INGREDIENTS = 4  # two rounds on two workers: each worker finishes one Fisher and starts a second
-# Exact Fishers over 600 users take a few seconds each on a busy 2-core machine: long enough to see two
-# at once and to kill one part-way, short enough for the whole test to take about a minute.
-USERS = 600
+# Exact Fishers over 1,000 users take a few seconds each on an idle 2-core machine (more on a busy one):
+# long enough to see two at once and to kill one mid-way, short enough for the test to take a minute or two.
+# (At 600 users an idle machine finished a Fisher between two throttled progress writes, so no row ever
+# showed one part-way.)
+USERS = 1000
 FISHER = {"sampling": "exact"}
 
 

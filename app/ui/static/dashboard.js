@@ -35,6 +35,16 @@ let refreshTimer = null;
 
 async function loadPart() {
   const main = document.getElementById("part");
+  try {
+    await renderPart(main);
+  } finally {
+    // Counts finished reloads, so a script (the browser tests) can wait until the forms it is about to fill
+    // are the new ones and not those a reload is replacing.
+    main.dataset.loads = String(Number(main.dataset.loads || 0) + 1);
+  }
+}
+
+async function renderPart(main) {
   const partUrl = main.dataset.part + window.location.search;
   const response = await api(partUrl);
   if (response.status === 401) {
