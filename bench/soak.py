@@ -873,7 +873,7 @@ def render(results: list[dict], args, command: str, machine_line: str, load_end:
            f"({', '.join(f'{k}={v}' for k, v in CeleryDeployment.RECOVERY.items())}); one worker "
            f"`celery -A workers.celery_app worker -Q {QUEUE} --concurrency 1` (docker-compose.yml's command), "
            "SIGKILLed with its pool process every minute (at 0:02 of each minute, 5 s after a Fisher merge was "
-           "submitted, so most kills land in a running job) and started again at once.", "",
+           "submitted, meant to land in its Fisher jobs: the kill table says which did) and started again at once.", "",
            "RSS and open file descriptors come from /proc, read at the end of the warm-up (start) and when the "
            "traffic stops (end). Rows, store files, scratch and the broker are read after every job has ended.",
            ""]
@@ -941,8 +941,8 @@ def render(results: list[dict], args, command: str, machine_line: str, load_end:
         out += [f"- {k}: {v}" for k, v in kinds] or ["- none"]
         if r["name"] == "celery":
             hit = sum(1 for k in ops.kills if k["running"])
-            out += [f"- expected, from the kills: {len(ops.kills)} worker SIGKILLs ({hit} while a job was running: "
-                    + "; ".join(", ".join(k["running"]) for k in ops.kills if k["running"])
+            out += [f"- expected, from the kills: {len(ops.kills)} worker SIGKILLs ({hit} while a job was running"
+                    + "".join(f"; {', '.join(k['running'])}" for k in ops.kills if k["running"])
                     + f"), {s['retries']} job retries (attempts beyond the first); the sweeper logged "
                       f"{r['sweeper']['re-queued']} re-queues of lost jobs, {r['sweeper']['sent again']} re-sends "
                       f"of lost messages, {r['sweeper']['failed']} jobs failed for too many lost attempts"]
