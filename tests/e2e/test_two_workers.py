@@ -19,12 +19,12 @@ from tests.e2e.services import start_api, start_worker, store_is_clean, wait_for
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 
 INGREDIENTS = 4  # two rounds on two workers: each worker finishes one Fisher and starts a second
-# Exact Fishers over 1,000 users take a few seconds each on an idle 2-core machine (more on a busy one):
-# long enough to see two at once and to kill one mid-way, short enough for the test to take a minute or two.
-# (At 600 users an idle machine finished a Fisher between two throttled progress writes, so no row ever
-# showed one part-way.)
-USERS = 1000
-FISHER = {"sampling": "exact"}
+# Exact Fishers over 12,000 users (30 items) take a few seconds each on an idle 2-core machine: long enough
+# to see two at once and to kill one mid-way (progress is written every 0.5 s), short enough for the test to
+# take a minute or two. At 1,000 users an idle machine finished a Fisher in 0.3-0.7 s, at times
+# between two progress writes, so no row ever showed one part-way.
+USERS = 12000
+FISHER = {"sampling": "exact", "max_users": USERS}  # the merge default would cap them at 4,000 users
 
 
 class Rows:
