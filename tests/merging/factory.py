@@ -87,3 +87,22 @@ def make_merge_inputs(directory, n: int, base_seed: int, extra: dict | None = No
     base = directory / "base.safetensors"
     make_checkpoint(base, seed=base_seed)
     return ckpts, fishers, base
+
+
+def merge_world(tmp_path, n: int, base_seed: int | None = None) -> dict:
+    """n checkpoints (seeds 0..n-1) in tmp_path/in, an empty tmp_path/out, their state dicts, and a base
+    checkpoint (and its state) when base_seed is given: what a method's oracle tests start from."""
+    from models.checkpoint import load_checkpoint
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    ckpts = [src / f"c{i}.safetensors" for i in range(n)]
+    for i, p in enumerate(ckpts):
+        make_checkpoint(p, seed=i)
+    world = {"ckpts": ckpts, "out": out, "states": [load_checkpoint(p)[0] for p in ckpts]}
+    if base_seed is not None:
+        world["base"] = src / "base.safetensors"
+        make_checkpoint(world["base"], seed=base_seed)
+        world["base_state"] = load_checkpoint(world["base"])[0]
+    return world

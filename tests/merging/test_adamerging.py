@@ -14,23 +14,14 @@ from merging.merge import merge_checkpoints
 from merging.methods import MergeOptionsError
 from merging.methods.adamerging import group_of
 from models.checkpoint import load_checkpoint
-from tests.merging.factory import make_checkpoint
+from tests.merging.factory import merge_world
 
 
 @pytest.fixture
 def world(tmp_path):
-    src, out = tmp_path / "in", tmp_path / "out"
-    src.mkdir()
-    out.mkdir()
-    ckpts = [src / f"c{i}.safetensors" for i in range(2)]
-    for i, p in enumerate(ckpts):
-        make_checkpoint(p, seed=i)
-    base = src / "base.safetensors"
-    make_checkpoint(base, seed=9)
-    states = [load_checkpoint(p)[0] for p in ckpts]
-    base_state = load_checkpoint(base)[0]
-    return {"ckpts": ckpts, "base": base, "out": out, "states": states, "base_state": base_state,
-            "taus": [{k: s[k] - base_state[k] for k in base_state} for s in states]}
+    world = merge_world(tmp_path, 2, base_seed=9)
+    base_state = world["base_state"]
+    return {**world, "taus": [{k: s[k] - base_state[k] for k in base_state} for s in world["states"]]}
 
 
 def planted(world, lam: dict[str, list[float]], granularity: str):

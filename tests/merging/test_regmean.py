@@ -12,25 +12,20 @@ from merging.merge import build_method, merge_checkpoints, merge_state_dicts
 from merging.methods import MergeOptionsError
 from merging.methods.base import FitInputs
 from models.checkpoint import load_checkpoint
-from tests.merging.factory import make_checkpoint
+from tests.merging.factory import merge_world
 
 
 @pytest.fixture
 def world(tmp_path):
-    src, out = tmp_path / "in", tmp_path / "out"
-    src.mkdir()
-    out.mkdir()
-    ckpts = [src / f"c{i}.safetensors" for i in range(3)]
-    for i, p in enumerate(ckpts):
-        make_checkpoint(p, seed=i)
-    states = [load_checkpoint(p)[0] for p in ckpts]
+    world = merge_world(tmp_path, 3)
+    states = world["states"]
     linear = [k for k, v in states[0].items() if v.dim() == 2 and k.startswith("blocks.")]
     # Each model's own inputs to each linear layer: a different number of rows per model, more rows than
     # inputs, so each G_i is invertible and the sum weighs the models unequally.
     gen = torch.Generator().manual_seed(5)
     inputs = [{k: torch.randn(40 + 13 * i, states[0][k].shape[1], generator=gen, dtype=torch.float64)
                * (1.0 + i) for k in linear} for i in range(3)]
-    return {"ckpts": ckpts, "states": states, "linear": linear, "inputs": inputs, "out": out}
+    return {**world, "linear": linear, "inputs": inputs}
 
 
 def grams_of(world):

@@ -14,21 +14,12 @@ from merging.methods import MergeOptionsError
 from merging.methods.base import FitInputs
 from merging.methods.weight_search import grid_values, search
 from models.checkpoint import load_checkpoint
-from tests.merging.factory import make_checkpoint, make_fisher
+from tests.merging.factory import make_fisher, merge_world
 
 
 @pytest.fixture
 def world(tmp_path):
-    src, out = tmp_path / "in", tmp_path / "out"
-    src.mkdir()
-    out.mkdir()
-    ckpts = [src / f"c{i}.safetensors" for i in range(3)]
-    for i, p in enumerate(ckpts):
-        make_checkpoint(p, seed=i)
-    base = src / "base.safetensors"
-    make_checkpoint(base, seed=7)
-    return {"ckpts": ckpts, "base": base, "out": out, "states": [load_checkpoint(p)[0] for p in ckpts],
-            "base_state": load_checkpoint(base)[0]}
+    return merge_world(tmp_path, 3, base_seed=7)
 
 
 def probe(state) -> torch.Tensor:
