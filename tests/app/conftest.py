@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,17 @@ class Service:
         self.client = client
         self.app = client.app
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def finished(self, path: str, timeout: float = 180.0) -> dict:
+        """The job at `path` once it has ended; it must have succeeded."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            job = self.client.get(path).json()
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                assert job["status"] == "succeeded", job["error"]
+                return job
+            time.sleep(0.1)
+        raise AssertionError(f"{path} still {job['status']}")
 
     def counts(self) -> dict[str, int]:
         with self.app.state.sessions() as s:

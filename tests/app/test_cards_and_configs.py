@@ -3,8 +3,6 @@ the merge config `recmerge merge --config` reads, as YAML or JSON. Jobs run on t
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import yaml
 from fastapi.testclient import TestClient
@@ -23,17 +21,6 @@ def svc(tmp_path_factory):
         yield Service(client, None)
 
 
-def wait(svc, path: str, timeout: float = 120.0) -> dict:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        job = svc.client.get(path).json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            assert job["status"] == "succeeded", job["error"]
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"{path} still {job['status']}")
-
-
 @pytest.fixture(scope="module")
 def world(svc, tmp_path_factory):
     ds = svc.upload_dataset(interactions_csv(n_users=30), name="cards")
@@ -46,13 +33,13 @@ def world(svc, tmp_path_factory):
                                                  **TINY})
         assert r.status_code == 202, r.text
         trained.append(r.json()["id"])
-    trained = [wait(svc, f"/jobs/{j}")["result"]["model_id"] for j in trained]
+    trained = [svc.finished(f"/jobs/{j}")["result"]["model_id"] for j in trained]
     config = {"merge_method": "weighted", "name": "merged-by-config",
               "models": [{"model": trained[0], "parameters": {"weight": 3}},
                          {"model": trained[1], "parameters": {"weight": 1}}]}
     r = svc.client.post("/merge-jobs", content=yaml.safe_dump(config), headers={"content-type": "application/yaml"})
     assert r.status_code == 202, r.text
-    merged = wait(svc, f"/merge-jobs/{r.json()['id']}")
+    merged = svc.finished(f"/merge-jobs/{r.json()['id']}")
     return {"dataset": ds, "uploaded": up.json()["id"], "trained": trained, "merged": merged["result_model_id"]}
 
 
@@ -81,7 +68,7 @@ def test_the_same_config_as_json_is_the_same_job_request(svc, world):
     req = r.json()["request"]
     assert (req["method"], req["model_ids"], req["weights"], req["evaluate"]) == (
         "weighted", world["trained"], [3.0, 1.0], False)
-    wait(svc, f"/merge-jobs/{r.json()['id']}")
+    svc.finished(f"/merge-jobs/{r.json()['id']}")
 
 
 def test_an_invalid_config_is_refused_field_by_field_and_queues_nothing(svc, world):

@@ -5,8 +5,6 @@ refused with 422 before any job or file exists."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import yaml
 from fastapi.testclient import TestClient
@@ -20,17 +18,6 @@ def svc(tmp_path_factory):
     root = tmp_path_factory.mktemp("merge-data")
     with TestClient(create_app(make_settings(root / "svc"))) as client:
         yield Service(client, None)
-
-
-def wait(svc, path: str, timeout: float = 180.0) -> dict:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        job = svc.client.get(path).json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            assert job["status"] == "succeeded", job["error"]
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"{path} still {job['status']}")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +36,7 @@ def world(svc, tmp_path_factory):
 def post(svc, body: dict) -> dict:
     r = svc.client.post("/merge-jobs", json=body)
     assert r.status_code == 202, r.text
-    return wait(svc, f"/merge-jobs/{r.json()['id']}")
+    return svc.finished(f"/merge-jobs/{r.json()['id']}")
 
 
 def test_weight_search_job_reports_every_candidate_and_keeps_the_best(svc, world):
@@ -97,7 +84,7 @@ def test_weight_search_over_task_vectors_as_a_yaml_config(svc, world):
               "parameters": {"combine": "task-vectors", "grid": 3, "rounds": 1}}
     r = svc.client.post("/merge-jobs", content=yaml.safe_dump(config), headers={"content-type": "application/yaml"})
     assert r.status_code == 202, r.text
-    job = wait(svc, f"/merge-jobs/{r.json()['id']}")
+    job = svc.finished(f"/merge-jobs/{r.json()['id']}")
     assert job["request"]["base_model_id"] == world["base"]
     cands = job["result"]["candidates"]
     assert cands[0]["coefficients"] == [0.5, 0.5] and len(cands) == 1 + 2 * 3 - 2  # start, then 2 new per model
