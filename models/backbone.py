@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.config import BackboneConfig
+from models.dropout import Dropout
 from models.item_ce import item_cross_entropy
 
 
@@ -65,7 +66,7 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(cfg.hidden)
         self.ffn = FeedForward(cfg)
         self.ln2 = nn.LayerNorm(cfg.hidden)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def attn_input(self, x):
         return self.ln1(x) if self.pre else x
@@ -90,7 +91,7 @@ class SeqRecModel(nn.Module):
         self.item_emb = nn.Embedding(cfg.vocab, D, padding_idx=0)  # tied with the output layer
         self.pos_emb = nn.Embedding(cfg.max_len, D)
         self.emb_ln = nn.LayerNorm(D)
-        self.emb_drop = nn.Dropout(cfg.dropout)
+        self.emb_drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         # Pre-LN leaves the stream unnormalised: one LayerNorm after the last block (no tensors in post).
         self.final_ln = nn.LayerNorm(D) if cfg.norm == "pre" else nn.Identity()

@@ -21,57 +21,95 @@ CHUNK_ENTRIES = 1 << 24
 
 
 class _ChunkedItemCE(torch.autograd.Function):
+    """The loss summed over rows, its gradients formed chunk by chunk in the forward.
+
+    Two ways to name a row's true item: `labels` (a column of `table`: the full softmax), or `own` (a
+    logit of its own, outside the table: the sampled softmax, where the table holds the shared negatives;
+    `exclude` then names a column per row, or -1, whose logit is dropped because that negative is the
+    row's own target)."""
+
     @staticmethod
-    def forward(ctx, z, table, bias, labels, chunk):
-        # z (M, D) outputs, table (N, D) item rows, bias (N,), labels (M,) columns in 0..N-1
+    def forward(ctx, z, table, bias, own, labels, exclude, chunk):
+        # z (M, D) outputs, table (N, D) candidate rows, bias (N,), own (M,) or None, labels (M,) columns
+        # in 0..N-1 (when own is None), exclude (M,) columns or -1 (or None)
         M = z.shape[0]
         need = ctx.needs_input_grad
         dz = torch.empty_like(z) if need[0] else None
         dtable = torch.zeros_like(table) if need[1] else None
         dbias = torch.zeros_like(bias) if need[2] else None
+        down = torch.empty_like(own) if own is not None and need[3] else None
         total = z.new_zeros(())
         ones = z.new_ones(min(chunk, M))
         for start in range(0, M, chunk):
-            zc, yc = z[start : start + chunk], labels[start : start + chunk]
-            rows = torch.arange(len(yc), device=z.device)
+            stop = min(M, start + chunk)
+            zc = z[start:stop]
+            rows = torch.arange(stop - start, device=z.device)
             logits = torch.addmm(bias, zc, table.T)  # (c, N)
+            if exclude is not None:
+                ex = exclude[start:stop]
+                hit = (ex >= 0).nonzero().squeeze(1)
+                logits[hit, ex[hit]] = float("-inf")
             top = logits.amax(dim=1)
-            total -= (logits[rows, yc] - top).sum()
+            if own is None:
+                yc = labels[start:stop]
+                target = logits[rows, yc]
+            else:
+                target = own[start:stop]
+                top = torch.maximum(top, target)
+            total -= (target - top).sum()
             # softmax in place, one pass per step: these passes over (c, N) are most of the cost
             grad = logits.sub_(top[:, None]).exp_()
             norm = grad.sum(dim=1)
+            if own is not None:
+                own_p = (target - top).exp_()
+                norm += own_p
             total += norm.log().sum()
             grad.div_(norm[:, None])
-            grad[rows, yc] -= 1.0  # d loss_sum / d logits = softmax - onehot
+            if own is None:
+                grad[rows, yc] -= 1.0  # d loss_sum / d logits = softmax - onehot
+            elif down is not None:
+                torch.div(own_p, norm, out=down[start:stop]).sub_(1.0)
             if dz is not None:
-                torch.mm(grad, table, out=dz[start : start + chunk])
+                torch.mm(grad, table, out=dz[start:stop])
             if dtable is not None:
                 dtable.addmm_(grad.T, zc)
             if dbias is not None:
-                dbias.addmv_(grad.T, ones[: len(yc)])  # a column sum through BLAS: sum(0) was slower
+                dbias.addmv_(grad.T, ones[: stop - start])  # a column sum through BLAS: sum(0) was slower
         ctx.scale = 1.0 / M
-        ctx.save_for_backward(*(t if t is not None else z.new_empty(0) for t in (dz, dtable, dbias)))
-        ctx.present = (dz is not None, dtable is not None, dbias is not None)
+        ctx.present = tuple(t is not None for t in (dz, dtable, dbias, down))
+        ctx.save_for_backward(*(t if t is not None else z.new_empty(0) for t in (dz, dtable, dbias, down)))
         return total / M
 
     @staticmethod
     def backward(ctx, grad_out):
-        saved = ctx.saved_tensors
         g = grad_out * ctx.scale
-        grads = [t * g if present else None for t, present in zip(saved, ctx.present)]
-        return grads[0], grads[1], grads[2], None, None
+        grads = [t * g if present else None for t, present in zip(ctx.saved_tensors, ctx.present)]
+        return grads[0], grads[1], grads[2], grads[3], None, None, None
+
+
+def _chunk_rows(z: torch.Tensor, table: torch.Tensor, chunk: int | None) -> int:
+    if z.shape[0] == 0:
+        raise ValueError("the cross-entropy needs at least one row")
+    return chunk or max(64, CHUNK_ENTRIES // max(1, table.shape[0]))
 
 
 def item_cross_entropy(z: torch.Tensor, table: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor,
                        chunk: int | None = None) -> torch.Tensor:
     """Mean over rows of -log softmax(z @ table.T + bias)[label]; equal to F.cross_entropy on the full
     logits. Inside a no-grad or inference context it only computes the loss."""
-    if z.shape[0] == 0:
-        raise ValueError("item_cross_entropy needs at least one row")
-    chunk = chunk or max(64, CHUNK_ENTRIES // max(1, table.shape[0]))
+    chunk = _chunk_rows(z, table, chunk)
     if not torch.is_grad_enabled():
         with torch.no_grad():
             return torch.cat([torch.nn.functional.cross_entropy(
                 torch.addmm(bias, z[s : s + chunk], table.T), labels[s : s + chunk], reduction="none")
                 for s in range(0, z.shape[0], chunk)]).mean()
-    return _ChunkedItemCE.apply(z, table, bias, labels, chunk)
+    return _ChunkedItemCE.apply(z, table, bias, None, labels, None, chunk)
+
+
+def sampled_cross_entropy(z: torch.Tensor, own: torch.Tensor, table: torch.Tensor, bias: torch.Tensor,
+                          exclude: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Mean over rows of -log softmax([own, z @ table.T + bias])[0] with column `exclude[i]` of row i left
+    out (-1: none): each row's own logit against shared candidates. Equal to F.cross_entropy on the
+    concatenated logits with the excluded entries at -inf, without writing them to memory."""
+    chunk = _chunk_rows(z, table, chunk)
+    return _ChunkedItemCE.apply(z, table, bias, own, None, exclude, chunk)

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from models.backbone import SeqRecModel
 from models.batching import pad_left
+from models.item_ce import sampled_cross_entropy
 
 
 @dataclass
@@ -64,15 +64,16 @@ def masked_ce(model: SeqRecModel, batch: MaskedBatch, h: torch.Tensor | None = N
 
 
 def sampled_ce(model: SeqRecModel, z: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """Sampled softmax: each position's true item against k items drawn uniformly for the whole batch
-    (one (M, k) product instead of (M, N)). The negatives' logits are raised by log(N/k), so the sampled
-    partition estimates the full one (the log-Q correction; uniform q makes it one constant), and a
-    negative that is the position's own target is removed."""
+    """Sampled softmax: each position's true item against k distinct items drawn uniformly for the whole
+    batch (one (M, k) product instead of (M, N)). The negatives' logits are raised by log(N/k), so the
+    sampled partition estimates the full one (the log-Q correction: every item is drawn with probability
+    k/N), and a negative that is the position's own target is left out."""
     n = model.cfg.n_items
     table = model.item_emb.weight[1 : n + 1]
-    neg = torch.randint(0, n, (k,), device=z.device)
-    pos_logit = (z * table[labels]).sum(1) + model.out_bias[labels]
-    neg_logits = torch.addmm(model.out_bias[neg], z, table[neg].T) + math.log(n / k)
-    neg_logits = neg_logits.masked_fill(labels[:, None] == neg[None, :], float("-inf"))
-    logits = torch.cat([pos_logit[:, None], neg_logits], dim=1)
-    return F.cross_entropy(logits, torch.zeros_like(labels))
+    neg = torch.randperm(n, device=z.device)[:k]
+    own = (z * table[labels]).sum(1) + model.out_bias[labels]
+    # Column of each position's own target among the negatives (-1 if not drawn): O(M), no (M, k) compare.
+    where = torch.full((n,), -1, dtype=torch.long, device=z.device)
+    where[neg] = torch.arange(len(neg), device=z.device)
+    return sampled_cross_entropy(z, own, table[neg], model.out_bias[neg] + math.log(n / len(neg)),
+                                 where[labels])

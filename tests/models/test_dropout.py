@@ -1,0 +1,45 @@
+"""The fast CPU dropout: nn.Dropout's contract (rate, scale, gradient, eval identity), masks set by torch's
+seed."""
+
+import pytest
+import torch
+
+from models.dropout import Dropout
+
+
+def test_drops_at_the_rate_scales_the_rest_and_passes_the_gradient_through_the_same_mask():
+    torch.manual_seed(0)
+    d = Dropout(0.2).train()
+    x = torch.rand(400, 500) + 0.5  # no zeros of its own
+    x.requires_grad_()
+    y = d(x)
+    dropped = y == 0
+    # 200,000 draws: the share dropped is within 5 standard errors (0.0045) of the rate
+    assert abs(dropped.float().mean().item() - 0.2) < 0.0045
+    torch.testing.assert_close(y[~dropped], x[~dropped] / 0.8, rtol=1e-4, atol=0)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(g == 0, dropped)
+    torch.testing.assert_close(g[~dropped], torch.full_like(g[~dropped], 1 / 0.8), rtol=1e-4, atol=0)
+
+
+def test_the_mask_follows_torch_seed_and_differs_between_calls():
+    d = Dropout(0.5).train()
+    x = torch.ones(64, 64)
+    torch.manual_seed(3)
+    a, b = d(x), d(x)
+    torch.manual_seed(3)
+    assert torch.equal(d(x), a)
+    assert not torch.equal(a, b)
+
+
+def test_eval_mode_and_zero_rate_are_the_identity_and_bad_rates_are_refused():
+    x = torch.randn(10, 10)
+    assert d_is_identity(Dropout(0.3).eval(), x)
+    assert d_is_identity(Dropout(0.0).train(), x)
+    for p in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="dropout"):
+            Dropout(p)
+
+
+def d_is_identity(d, x):
+    return torch.equal(d(x), x)
