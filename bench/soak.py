@@ -341,7 +341,9 @@ class Traffic:
     """Uploads, merges, alias switches (and kills) on a fixed timetable beside the recommend stream."""
 
     def __init__(self, base: str, dataset_id: str, checkpoints: list[Path], seeds: list[str], ops: Ops,
-                 t0: float, duration: float, worker=None):
+                 t0: float, duration: float, worker=None, fisher: dict | None = None, kill_wait: float = 20.0):
+        self.fisher = fisher or FISHER
+        self.kill_wait = kill_wait
         self.base, self.dataset_id, self.ops, self.t0, self.duration = base, dataset_id, ops, t0, duration
         self.checkpoints = list(checkpoints)
         self.recipes = list(seeds)  # every recipe model id, oldest first
@@ -388,7 +390,7 @@ class Traffic:
             if len(fresh) < 2:
                 self.ops.log.append(f"merge {n}: fewer than two recipes without a Fisher; skipped")
                 return
-            body = {"method": "fisher", "model_ids": fresh, "fisher": FISHER, "evaluate": False}
+            body = {"method": "fisher", "model_ids": fresh, "fisher": self.fisher, "evaluate": False}
             self.fisher_used.update(fresh)
         else:
             pair = next((frozenset((a, b)) for a in reversed(self.recipes) for b in reversed(self.recipes)
@@ -429,10 +431,15 @@ class Traffic:
         self.ops.alias_switches += 1
 
     async def kill(self, n: int) -> None:
-        """SIGKILL the worker with its pool, note what it was running and how large it was, start a new one
-        at once."""
+        """SIGKILL the worker with its pool as soon as it is running a job (or after `kill_wait` seconds of
+        finding it idle), note what it was running and how large it was, start a new one at once."""
         loop = asyncio.get_running_loop()
-        running = await loop.run_in_executor(None, self.worker.running)
+        deadline = loop.time() + self.kill_wait
+        while True:
+            running = await loop.run_in_executor(None, self.worker.running)
+            if running or loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.1)
         procs = tree("worker", self.worker.worker.p.pid)
         await loop.run_in_executor(None, self.worker.kill_and_restart)
         self.ops.kills.append({"t": loop.time() - self.t0, "running": running, "procs": procs})
@@ -722,7 +729,8 @@ def run_deployment(dep: Deployment, args) -> dict:
         loop = asyncio.get_running_loop()
         t0 = loop.time() + 0.5
         traffic = Traffic(dep.base, ds["id"], paths[3:], seeds, ops, t0, duration,
-                          worker=dep if dep.kills else None)
+                          worker=dep if dep.kills else None,
+                          fisher={**FISHER, "max_users": args.fisher_users}, kill_wait=args.kill_wait)
 
         async def snap_at(key: str, t: float):
             await asyncio.sleep(max(0.0, t0 + t - loop.time()))
@@ -750,8 +758,8 @@ def run_deployment(dep: Deployment, args) -> dict:
                 traffic.every(args.switch_every, 3, traffic.switch),
                 snap_at("start", args.warmup), progress()]
         if dep.kills:
-            # Fisher merges go out at 0:57 of each minute; a kill at 0:02 of the next lands in their Fishers.
-            side.append(traffic.every(60, 2, traffic.kill))
+            # Fisher merges go out at 0:57 of each minute: the kill waits from 0:57.5 for a running job.
+            side.append(traffic.every(60, 57.5, traffic.kill))
         tasks = [asyncio.create_task(c) for c in side]
         sent = await recommend_traffic(dep.port, users, args.rps, t0, duration, rec)
         result["end"] = await loop.run_in_executor(None, snapshot, dep)
@@ -1002,6 +1010,10 @@ def main() -> None:
     ap.add_argument("--merge-every", type=float, default=30.0)
     ap.add_argument("--switch-every", type=float, default=10.0)
     ap.add_argument("--users", type=int, default=2000)
+    ap.add_argument("--fisher-users", type=int, default=2000,
+                    help="users per Fisher of the soak's Fisher merges (long enough for a kill to land in one)")
+    ap.add_argument("--kill-wait", type=float, default=20.0,
+                    help="celery: the longest a kill waits for the worker to be running a job")
     ap.add_argument("--items", type=int, default=400)
     ap.add_argument("--drain", type=float, default=300.0, help="longest wait for the jobs after the traffic")
     ap.add_argument("--log-level", default="warning", help="the API's uvicorn log level (info logs every request)")

@@ -4,6 +4,10 @@
 output head (BackboneConfig's defaults: 2 heads, feed-forward 256, GELU), AdamW with weight decay 0.01,
 and cross-entropy on the full (positions x items) logit matrix. "now" is what `recmerge train` ships
 (TrainConfig's defaults: pre-LayerNorm, no head, feed-forward = hidden, ReLU, chunked cross-entropy).
+"torch-kernels" is "now" with the kernels it had before 2026-12-07: torch's own dropout and, for the
+sampled softmax, the (positions x negatives) logits written out with an (M, k) accidental-hit compare —
+what models/dropout.py and the chunked sampled cross-entropy replaced. (Since then "before" also runs on
+the new dropout: its module is the same class.)
 Both train on the same batches of the same epoch, alternated so the machine's drift hits both alike; an
 epoch's time is the measured seconds per token times the epoch's tokens (every window of every user).
 
@@ -14,6 +18,7 @@ epoch's time is the measured seconds per token times the epoch's tokens (every w
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import tempfile
@@ -32,8 +37,23 @@ from models.backbone import SeqRecModel  # noqa: E402
 from models.batching import length_batches  # noqa: E402
 from models.config import BackboneConfig  # noqa: E402
 from models.data import PreparedDataset, prepare_dataset  # noqa: E402
+from models.dropout import Dropout  # noqa: E402
 from models.recipes import TrainBatch, recipe_class, recipe_options  # noqa: E402
 from models.train import TrainConfig, backbone_config, build_samples  # noqa: E402
+
+
+def torch_sampled_ce(model: SeqRecModel, z: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """The sampled softmax as it was computed before the chunked kernel: full (M, k + 1) logits."""
+    n = model.cfg.n_items
+    table = model.item_emb.weight[1 : n + 1]
+    neg = torch.randint(0, n, (k,))
+    own = (z * table[labels]).sum(1) + model.out_bias[labels]
+    negs = torch.addmm(model.out_bias[neg], z, table[neg].T) + math.log(n / k)
+    negs = negs.masked_fill(labels[:, None] == neg[None, :], float("-inf"))
+    return F.cross_entropy(torch.cat([own[:, None], negs], dim=1), torch.zeros_like(labels))
+
+
+TRAINERS = ("before", "torch-kernels", "now")
 
 
 class Trainer:
@@ -42,6 +62,8 @@ class Trainer:
     def __init__(self, which: str, kind: str, n_items: int, max_len: int):
         torch.manual_seed(0)
         self.which = which
+        if which not in TRAINERS:
+            raise SystemExit(f"unknown trainer {which!r}; known: {', '.join(TRAINERS)}")
         if which == "before":
             self.model = SeqRecModel(BackboneConfig(n_items=n_items, kind=kind, max_len=max_len))
             self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.01)
@@ -50,12 +72,22 @@ class Trainer:
             self.model = SeqRecModel(backbone_config(cfg, n_items))
             self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas,
                                          weight_decay=cfg.weight_decay)
+        if which == "torch-kernels":
+            for module in list(self.model.modules()):
+                for name, child in list(module.named_children()):
+                    if isinstance(child, Dropout):
+                        setattr(module, name, torch.nn.Dropout(child.p))
         self.recipe = recipe_class("bert4rec")(recipe_options("bert4rec"), self.model)
         self.model.train()
 
     def loss(self, batch: TrainBatch) -> torch.Tensor:
-        if self.which == "now":
+        if self.which == "now" or (self.which == "torch-kernels" and not self.model.causal):
             return self.recipe.loss(self.model, batch)[0]
+        if self.which == "torch-kernels":  # sasrec: the shipped sampled loss, computed the old way
+            mb = self.recipe.backbone_batch(batch)
+            rows, cols = mb.positions.unbind(1)
+            z = self.model.encode(mb.tokens)[rows, cols]
+            return torch_sampled_ce(self.model, z, mb.labels, self.recipe.options.negatives)
         mb = self.recipe.backbone_batch(batch)  # the old objective: full logits, then cross-entropy
         h = self.model.encode(mb.tokens)
         rows, cols = mb.positions.unbind(1)
@@ -74,7 +106,7 @@ class Trainer:
 
 
 def measure(ds, kind: str, args) -> dict:
-    trainers = {w: Trainer(w, kind, ds.n_items, args.max_len) for w in ("before", "now")}
+    trainers = {w: Trainer(w, kind, ds.n_items, args.max_len) for w in args.trainers}
     samples = build_samples(ds.train_sequences(), args.max_len, causal=kind == "sasrec")
     lengths = np.array([len(s) for s in samples])
     epoch_tokens = int(lengths.sum())
@@ -86,13 +118,12 @@ def measure(ds, kind: str, args) -> dict:
         # A random draw of the epoch's batches, the same for both trainers: long and short alike.
         batches = length_batches(lengths, args.batch_size, rng)[: args.batches]
         tokens = sum(int(lengths[b].sum()) for b in batches)
-        order = ("before", "now") if r % 2 == 0 else ("now", "before")
+        order = list(trainers) if r % 2 == 0 else list(trainers)[::-1]
         for w in order:
             per_token[w].append(trainers[w].seconds(samples, batches, r) / tokens)
     epoch = {w: statistics.median(v) * epoch_tokens for w, v in per_token.items()}
-    ratios = [b / n for b, n in zip(per_token["before"], per_token["now"])]
-    return {"kind": kind, "samples": len(samples), "tokens": epoch_tokens, "epoch": epoch,
-            "ratio": statistics.median(ratios), "ratios": ratios,
+    ratios = {w: [b / n for b, n in zip(per_token[w], per_token["now"])] for w in trainers if w != "now"}
+    return {"kind": kind, "samples": len(samples), "tokens": epoch_tokens, "epoch": epoch, "ratios": ratios,
             "params": {w: t.model.n_params() for w, t in trainers.items()}}
 
 
@@ -106,8 +137,11 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=12, help="batches per timing repeat")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument("--trainers", default=",".join(TRAINERS),
+                    help="which trainers to time side by side ('now' always)")
     ap.add_argument("--out", help="write a Markdown report here")
     args = ap.parse_args()
+    args.trainers = [w for w in TRAINERS if w in args.trainers.split(",") or w == "now"]
     if args.threads:
         torch.set_num_threads(args.threads)
     ds = PreparedDataset.load(args.data) if args.data else \
@@ -121,15 +155,18 @@ def main() -> None:
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}.", "",
         f"Dataset: {ds.n_users} users, {ds.n_items} items; batch {args.batch_size}, max_len {args.max_len}, "
         f"hidden {now_cfg.hidden}, {now_cfg.layers} layers. Epoch time = median seconds per token over "
-        f"{args.repeats} draws of {args.batches} batches × the epoch's tokens; ratio = before / now per draw.", "",
-        "| backbone | samples (windows) | tokens / epoch | before: s / epoch | now: s / epoch | speed-up "
-        "(median, per draw) | parameters before / now |",
-        "|---|---|---|---|---|---|---|",
+        f"{args.repeats} draws of {args.batches} batches × the epoch's tokens; speed-up = other / now per draw "
+        "(median, then each draw).", "",
+        "| backbone | samples (windows) | tokens / epoch | " + " | ".join(f"{w}: s / epoch" for w in args.trainers)
+        + " | " + " | ".join(f"now vs {w}" for w in args.trainers if w != "now") + " | parameters (now) |",
+        "|---|---|---|" + "---|" * (2 * len(args.trainers)),
     ]
     for r in rows:
-        lines.append(f"| {r['kind']} | {r['samples']} | {r['tokens']:,} | {r['epoch']['before']:.1f} | "
-                     f"{r['epoch']['now']:.1f} | {r['ratio']:.2f}× ({', '.join(f'{x:.2f}' for x in r['ratios'])}) "
-                     f"| {r['params']['before']:,} / {r['params']['now']:,} |")
+        lines.append(f"| {r['kind']} | {r['samples']} | {r['tokens']:,} | "
+                     + " | ".join(f"{r['epoch'][w]:.1f}" for w in args.trainers) + " | "
+                     + " | ".join(f"{statistics.median(v):.2f}× ({', '.join(f'{x:.2f}' for x in v)})"
+                                  for v in r["ratios"].values())
+                     + f" | {r['params']['now']:,} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -99,12 +99,11 @@ def part_job(request: Request, job_id: str, session: SessionDep):
 def part_merge(request: Request, session: SessionDep):
     from core.specs import DEFAULT_FISHER
     from merging.fisher import FisherSettings
-    from merging.methods import METHODS
-
     sampling = FisherSettings.model_fields["sampling"].annotation.__args__
+    methods = views.merge_methods()
     return _part(request, "merge", models=views.all_models(session), datasets=views.datasets(session),
-                 methods=[(n, getattr(c, "needs_base", False)) for n, c in METHODS.items()],
-                 sampling=sampling, default_fisher=DEFAULT_FISHER)
+                 methods=methods, base_text=views.needs_text(methods, "base"),
+                 fisher_text=views.needs_text(methods, "fisher"), sampling=sampling, default_fisher=DEFAULT_FISHER)
 
 
 @router.get("/part/recommend", dependencies=[ReadAccess], response_class=HTMLResponse)

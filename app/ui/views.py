@@ -3,6 +3,8 @@ rows for the templates, so the templates hold no queries."""
 
 from __future__ import annotations
 
+from typing import Literal, get_args, get_origin
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -109,3 +111,42 @@ def job_page(session: Session, job_id: str) -> dict:
     children = getattr(public, "children", [])
     live = job.status in ACTIVE or any(c.status in ACTIVE for c in children)
     return {"job": public, "live": live, "cancellable": job.kind == "merge" and job.status in ACTIVE}
+
+
+def _choices(schema) -> list[dict]:
+    """Every single-option setting that could change what a method needs: each value of each Literal
+    option (e.g. weight-search's combine), plus the defaults ({})."""
+    out = [{}]
+    for name, f in schema.model_fields.items():
+        if get_origin(f.annotation) is Literal:
+            out += [{name: v} for v in get_args(f.annotation)]
+    return out
+
+
+def merge_methods() -> list[dict]:
+    """The merge form's view of the method registry: each method's options with their defaults and
+    descriptions, and when it needs a base model or Fishers (always, never, or under one option value),
+    all read from the methods themselves so the form cannot fall behind the registry."""
+    from merging.methods import METHODS
+
+    rows = []
+    for name, cls in METHODS.items():
+        choices = _choices(cls.Options)
+        base = [c for c in choices if cls.base_use(c)]
+        fisher = [c for c in choices if cls.fisher_use(c)]
+        options = [f"{k} (default {f.default!r}): {f.description or ''}".rstrip(": ")
+                   for k, f in cls.Options.model_fields.items()]
+        if "weight" in cls.ModelOptions.model_fields:
+            options.append("per-model weights: the Weights field")
+        rows.append({"name": name, "options": options,
+                     "base": "always" if {} in base else (base[0] if base else "never"),
+                     "fisher": "always" if {} in fisher else (fisher[0] if fisher else "never")})
+    return rows
+
+
+def needs_text(rows: list[dict], key: str) -> str:
+    """'a, b; c with combine task-vectors': the methods that use a base model (or Fishers)."""
+    always = [r["name"] for r in rows if r[key] == "always"]
+    sometimes = [f"{r['name']} with " + ", ".join(f"{k} {v}" for k, v in r[key].items())
+                 for r in rows if isinstance(r[key], dict)]
+    return ", ".join(always) + ("; " + "; ".join(sometimes) if sometimes else "")

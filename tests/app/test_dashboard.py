@@ -77,3 +77,20 @@ def test_markdown_renders_the_card_subset_and_escapes():
     assert "<ul><li>one</li><li><code>two</code></li></ul>" in html
     assert "<th>m</th><th class=num>v</th>" in html and "<td class=num>1</td>" in html
     assert '<pre><code class="lang-json">{&quot;k&quot;: &quot;&lt;v&gt;&quot;}</code></pre>' in html
+
+
+def test_the_merge_form_describes_every_registered_method_from_the_registry_itself():
+    from merging.methods import METHODS
+    from app.ui.views import merge_methods, needs_text
+
+    rows = {r["name"]: r for r in merge_methods()}
+    assert list(rows) == list(METHODS)
+    for name, cls in METHODS.items():
+        for opt, f in cls.Options.model_fields.items():
+            assert any(line.startswith(f"{opt} (default {f.default!r})") for line in rows[name]["options"]), (name, opt)
+    assert rows["fisher"]["fisher"] == "always" and rows["uniform"]["fisher"] == "never"
+    assert rows["weight-search"]["fisher"] == {"combine": "fisher"}
+    assert rows["weight-search"]["base"] == {"combine": "task-vectors"}
+    assert rows["adamerging"]["base"] == "always" and rows["uniform"]["base"] == "never"
+    assert needs_text(list(rows.values()), "base").endswith("; weight-search with combine task-vectors")
+

@@ -81,7 +81,20 @@ def test_upload_merge_watch_model_recommend(browser, tmp_path):
         form = page.locator("#merge-form")
         for name in ["recipe-a", "recipe-b", "recipe-c"]:
             form.get_by_label(name).check()
+        # The form follows the registry: a method's options are listed, and the Fisher settings appear
+        # only for what uses Fishers (weight-search only with combine fisher).
+        fisher_box = form.locator("#fisher-settings")
+        form.locator("select[name=method]").select_option("weight-search")
+        expect(form.locator("#m-options-help")).to_contain_text("grid (default 51)")
+        expect(fisher_box).to_be_hidden()
+        form.locator("input[name=options]").fill('{"combine": "fisher"}')
+        expect(fisher_box).to_be_visible()
+        form.locator("input[name=options]").fill("")
+        form.locator("select[name=method]").select_option("uniform")
+        expect(fisher_box).to_be_hidden()
         form.locator("select[name=method]").select_option("fisher")
+        expect(fisher_box).to_be_visible()
+        expect(form.locator("#m-options-help")).to_contain_text("normalize (default False)")
         form.locator("select[name='fisher.sampling']").select_option("topk")
         form.locator("input[name='fisher.n']").fill("")
         form.locator("input[name=name]").fill("soup")

@@ -169,7 +169,7 @@ function mergeBody(form) {
       return { error: { loc: ["options"], msg: "not a JSON object" } };
     }
   }
-  if (body.method === "fisher") {
+  if (!form.querySelector("#fisher-settings").hidden) {
     body.fisher = { sampling: data.get("fisher.sampling"), computation: data.get("fisher.computation"),
                     seed: numberOrNull(data.get("fisher.seed")) ?? 0 };
     for (const key of ["n", "max_users"]) {
@@ -206,11 +206,32 @@ async function submitForm(event) {
   }
 }
 
+// "always", "never", or {option: value}: the method uses it only with that option (e.g. combine: fisher).
+function usedWith(rule, options) {
+  if (rule === "always" || rule === "never") return rule === "always";
+  return Object.entries(rule).every(([k, v]) => options[k] === v);
+}
+
 function wireMerge(form) {
   const method = form.querySelector("[name=method]");
+  const options = form.querySelector("[name=options]");
   const fisher = form.querySelector("#fisher-settings");
-  const sync = () => { fisher.hidden = method.value !== "fisher"; };
+  const base = form.querySelector("[data-field=base_model_id]");
+  const help = form.querySelector("#m-options-help");
+  const sync = () => {
+    const chosen = method.selectedOptions[0].dataset;
+    let given = {};
+    try { given = JSON.parse(options.value || "{}") || {}; } catch { /* the submit reports bad JSON */ }
+    fisher.hidden = !usedWith(JSON.parse(chosen.fisher), given);
+    base.classList.toggle("unused", !usedWith(JSON.parse(chosen.base), given));
+    help.replaceChildren(...JSON.parse(chosen.options).map((text) => {
+      const li = document.createElement("li");
+      li.textContent = text;
+      return li;
+    }));
+  };
   method.addEventListener("change", sync);
+  options.addEventListener("input", sync);
   sync();
 }
 
