@@ -99,6 +99,32 @@ def add(args) -> None:
     print(f"{args.name}: test NDCG@10 {full[0]:.4f} ± {full[1]:.4f} -> {dest.relative_to(ROOT)}")
 
 
+def per_user_ndcg(path: Path, ds, split: str) -> np.ndarray:
+    model, _ = load_model(path)
+    return per_user_metrics(user_ranks(model, eval_data(ds, split), ("full",))["full"])["ndcg@10"]
+
+
+def compare(args) -> None:
+    """Full-ranking NDCG@10 of checkpoints on one dataset, each with its paired difference from the first
+    (the same users, so the difference's standard error is far smaller than either model's)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ds = prepared(args.dataset, Path(tmp))
+        rows = {split: [per_user_ndcg(Path(c), ds, split) for c in args.checkpoints] for split in ("valid", "test")}
+    se = lambda v: float(v.std(ddof=1) / np.sqrt(len(v)))  # noqa: E731
+    lines = [f"Command: `.venv/bin/python bench/zoo.py compare --dataset {args.dataset} "
+             + " ".join(args.checkpoints) + "`", "",
+             "| checkpoint | validation NDCG@10 | vs first (paired) | test NDCG@10 | vs first (paired) |",
+             "|---|---|---|---|---|"]
+    for i, c in enumerate(args.checkpoints):
+        cells = []
+        for split in ("valid", "test"):
+            v, ref = rows[split][i], rows[split][0]
+            paired = "—" if i == 0 else f"{(v - ref).mean():+.4f} ± {se(v - ref):.4f}"
+            cells += [f"{v.mean():.4f} ± {se(v):.4f}", paired]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+
+
 def fmt(pair) -> str:
     return f"{pair[0]:.4f} ± {pair[1]:.4f}"
 
@@ -145,6 +171,10 @@ def main() -> None:
     a.add_argument("--minutes", type=float, help="training minutes (default: from the log beside it)")
     a.add_argument("--note", default="")
     a.set_defaults(func=add)
+    c = sub.add_parser("compare", help="paired NDCG@10 differences of checkpoints from the first")
+    c.add_argument("checkpoints", nargs="+")
+    c.add_argument("--dataset", required=True, choices=sorted(SOURCES))
+    c.set_defaults(func=compare)
     r = sub.add_parser("report")
     r.add_argument("--dataset", required=True, choices=sorted(SOURCES))
     r.add_argument("--out")

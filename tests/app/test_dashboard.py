@@ -80,8 +80,8 @@ def test_markdown_renders_the_card_subset_and_escapes():
 
 
 def test_the_merge_form_describes_every_registered_method_from_the_registry_itself():
-    from merging.methods import METHODS
     from app.ui.views import merge_methods, needs_text
+    from merging.methods import METHODS
 
     rows = {r["name"]: r for r in merge_methods()}
     assert list(rows) == list(METHODS)
