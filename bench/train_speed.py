@@ -7,7 +7,8 @@ and cross-entropy on the full (positions x items) logit matrix. "now" is what `r
 "torch-kernels" is "now" with the kernels it had before 2026-12-07: torch's own dropout and, for the
 sampled softmax, the (positions x negatives) logits written out with an (M, k) accidental-hit compare —
 what models/dropout.py and the chunked sampled cross-entropy replaced. (Since then "before" also runs on
-the new dropout: its module is the same class.)
+the new dropout: its module is the same class.) "now-fp32" is "now" with every product in float32:
+"now" uses the shipped precision (`auto`: bfloat16 products on a CPU with AMX, models/precision.py).
 Both train on the same batches of the same epoch, alternated so the machine's drift hits both alike; an
 epoch's time is the measured seconds per token times the epoch's tokens (every window of every user).
 
@@ -38,6 +39,7 @@ from models.batching import length_batches  # noqa: E402
 from models.config import BackboneConfig  # noqa: E402
 from models.data import PreparedDataset, prepare_dataset  # noqa: E402
 from models.dropout import Dropout  # noqa: E402
+from models.precision import mixed_precision, resolve_precision  # noqa: E402
 from models.recipes import TrainBatch, recipe_class, recipe_options  # noqa: E402
 from models.train import TrainConfig, backbone_config, build_samples  # noqa: E402
 
@@ -53,25 +55,28 @@ def torch_sampled_ce(model: SeqRecModel, z: torch.Tensor, labels: torch.Tensor, 
     return F.cross_entropy(torch.cat([own[:, None], negs], dim=1), torch.zeros_like(labels))
 
 
-TRAINERS = ("before", "torch-kernels", "now")
+TRAINERS = ("before", "torch-kernels", "now-fp32", "now")
 
 
 class Trainer:
     """One optimiser step on a batch, as the named trainer takes it."""
 
-    def __init__(self, which: str, kind: str, n_items: int, max_len: int):
+    def __init__(self, which: str, kind: str, n_items: int, max_len: int, shape: dict):
         torch.manual_seed(0)
         self.which = which
         if which not in TRAINERS:
             raise SystemExit(f"unknown trainer {which!r}; known: {', '.join(TRAINERS)}")
         if which == "before":
-            self.model = SeqRecModel(BackboneConfig(n_items=n_items, kind=kind, max_len=max_len))
+            self.model = SeqRecModel(BackboneConfig(n_items=n_items, kind=kind, max_len=max_len,
+                                                    hidden=shape.get("hidden", 64)))
             self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.01)
         else:
-            cfg = TrainConfig(backbone=kind, max_len=max_len)
+            cfg = TrainConfig(backbone=kind, max_len=max_len, **shape)
             self.model = SeqRecModel(backbone_config(cfg, n_items))
             self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas,
                                          weight_decay=cfg.weight_decay)
+        # Only "now" runs at the shipped precision; every other trainer is float32 throughout.
+        self.low = resolve_precision(TrainConfig.precision, torch.device("cpu")) if which == "now" else None
         if which == "torch-kernels":
             for module in list(self.model.modules()):
                 for name, child in list(module.named_children()):
@@ -81,8 +86,9 @@ class Trainer:
         self.model.train()
 
     def loss(self, batch: TrainBatch) -> torch.Tensor:
-        if self.which == "now" or (self.which == "torch-kernels" and not self.model.causal):
-            return self.recipe.loss(self.model, batch)[0]
+        if self.which in ("now", "now-fp32") or (self.which == "torch-kernels" and not self.model.causal):
+            with mixed_precision(self.model, self.low):
+                return self.recipe.loss(self.model, batch)[0]
         if self.which == "torch-kernels":  # sasrec: the shipped sampled loss, computed the old way
             mb = self.recipe.backbone_batch(batch)
             rows, cols = mb.positions.unbind(1)
@@ -106,13 +112,21 @@ class Trainer:
 
 
 def measure(ds, kind: str, args) -> dict:
-    trainers = {w: Trainer(w, kind, ds.n_items, args.max_len) for w in args.trainers}
+    shape = {k: v for k, v in (("hidden", args.hidden), ("inner", args.inner)) if v is not None}
+    trainers = {w: Trainer(w, kind, ds.n_items, args.max_len, shape) for w in args.trainers}
     samples = build_samples(ds.train_sequences(), args.max_len, causal=kind == "sasrec")
     lengths = np.array([len(s) for s in samples])
     epoch_tokens = int(lengths.sum())
     rng = np.random.default_rng(1)
-    for t in trainers.values():  # warm-up: first-call allocations and kernel choices
-        t.seconds(samples, length_batches(lengths, args.batch_size, rng)[:2], 0)
+    # Warm-up: first-call allocations and kernel choices. A training run meets every batch width in its
+    # first epoch, and bfloat16 products pay oneDNN's set-up once per shape, so the warm-up covers the
+    # widths: a batch of each width class (multiples of 8) before the timed draws.
+    warm = length_batches(lengths, args.batch_size, None)
+    by_width = {}
+    for b in warm:
+        by_width.setdefault(-(-int(lengths[b].max()) // 8), b)
+    for t in trainers.values():
+        t.seconds(samples, list(by_width.values()), 0)
     per_token = {w: [] for w in trainers}
     for r in range(args.repeats):
         # A random draw of the epoch's batches, the same for both trainers: long and short alike.
@@ -134,6 +148,8 @@ def main() -> None:
     ap.add_argument("--backbones", default="sasrec,bert4rec")
     ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     ap.add_argument("--max-len", type=int, default=200)
+    ap.add_argument("--hidden", type=int, help="the model width (default: TrainConfig's)")
+    ap.add_argument("--inner", type=int, help="the feed-forward width of 'now' (default: TrainConfig's)")
     ap.add_argument("--batches", type=int, default=12, help="batches per timing repeat")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
@@ -147,12 +163,15 @@ def main() -> None:
     ds = PreparedDataset.load(args.data) if args.data else \
         prepare_dataset(args.source, Path(tempfile.mkdtemp(prefix="recmerge-bench-")) / "data")
     rows = [measure(ds, kind, args) for kind in args.backbones.split(",")]
-    now_cfg = replace(TrainConfig(), max_len=args.max_len)
+    now_cfg = replace(TrainConfig(), max_len=args.max_len,
+                      **{k: v for k, v in (("hidden", args.hidden), ("inner", args.inner)) if v is not None})
     lines = [
         "# Training speed on ml-1m: the trainer before and now, side by side", "",
         f"Command: `{' '.join(['.venv/bin/python'] + sys.argv)}`", "",
         f"Machine: {machine.line()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"CPU capability {torch.backends.cpu.get_cpu_capability()}.", "",
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}; shipped precision "
+        f"`{TrainConfig.precision}` = {resolve_precision(TrainConfig.precision, torch.device('cpu')) or 'float32'} "
+        "here.", "",
         f"Dataset: {ds.n_users} users, {ds.n_items} items; batch {args.batch_size}, max_len {args.max_len}, "
         f"hidden {now_cfg.hidden}, {now_cfg.layers} layers. Epoch time = median seconds per token over "
         f"{args.repeats} draws of {args.batches} batches × the epoch's tokens; speed-up = other / now per draw "

@@ -54,6 +54,9 @@ class TrainSpec(Spec):
     patience: int = Field(0, ge=0)
     seed: int = 0
     max_minutes: float | None = Field(None, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="the products in bfloat16 (bf16) or float32 (fp32); auto: bf16 where the worker's "
+        "hardware makes it fast (CPUs with AMX, CUDA)")
     evaluate_test: bool = Field(True, description="also score the finished model on the test split")
 
     @model_validator(mode="after")

@@ -76,4 +76,4 @@ def sampled_ce(model: SeqRecModel, z: torch.Tensor, labels: torch.Tensor, k: int
     where = torch.full((n,), -1, dtype=torch.long, device=z.device)
     where[neg] = torch.arange(len(neg), device=z.device)
     return sampled_cross_entropy(z, own, table[neg], model.out_bias[neg] + math.log(n / len(neg)),
-                                 where[labels])
+                                 where[labels], mm_dtype=model.compute_dtype)

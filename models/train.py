@@ -20,6 +20,7 @@ from models.batching import length_batches
 from models.checkpoint import CREATED_BY, CheckpointMeta, check_trained_on, load_checkpoint, save_checkpoint
 from models.config import BackboneConfig
 from models.errors import IncompatibleError, RecmergeError
+from models.precision import PRECISIONS, mixed_precision, resolve_precision
 from models.recipes import TrainBatch, recipe_class, recipe_options
 
 Progress = Callable[[str, float], None]
@@ -60,6 +61,8 @@ class TrainConfig:
     init: str | None = None  # a checkpoint to start from (the fine-tune setting)
     device: str | None = None
     threads: int | None = None  # torch intra-op threads (default: torch's choice)
+    # auto: bfloat16 products where the hardware makes them fast (models/precision.py), else float32
+    precision: str = "auto"
     # Wall-clock budget: the run ends with the epoch that crosses it, and the schedule runs over it.
     max_minutes: float | None = None
     resume: bool = False  # continue from the state file beside `out` if there is one
@@ -74,6 +77,8 @@ class TrainConfig:
             raise RecmergeError(f"schedule must be one of {', '.join(SCHEDULES)} (got {self.schedule!r})")
         if self.warmup_steps < 0 or not 0 <= self.final_lr_ratio <= 1:
             raise RecmergeError("warmup_steps must be >= 0 and final_lr_ratio in [0, 1]")
+        if self.precision not in PRECISIONS:
+            raise RecmergeError(f"precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise RecmergeError(f"max_minutes must be > 0 (got {self.max_minutes})")
         self.betas = tuple(self.betas)
@@ -183,6 +188,7 @@ def train(ds, cfg: TrainConfig, out: str | Path, progress: Progress | None = Non
         model.load_state_dict(init_state)
     model.to(device)
     recipe = recipe_class(cfg.recipe)(options, model)
+    low = resolve_precision(cfg.precision, device)
 
     samples = build_samples(ds.train_sequences(), bcfg.max_len, model.causal)
     if not samples:
@@ -200,7 +206,7 @@ def train(ds, cfg: TrainConfig, out: str | Path, progress: Progress | None = Non
     spath = state_path(out)
     # The run's identity: a state saved by another configuration or dataset is not resumed.
     identity = {"config": {k: v for k, v in asdict(cfg).items() if k not in ("resume", "device", "threads")},
-                "dataset": ds.fingerprint}
+                "dataset": ds.fingerprint, "precision": str(low or torch.float32)}
     if cfg.resume and spath.exists():
         info, best_state = load_state(spath, model=model, extra_params=extra, opt=opt, rng=rng)
         if info["identity"] != json.loads(json.dumps(identity)):
@@ -229,7 +235,8 @@ def train(ds, cfg: TrainConfig, out: str | Path, progress: Progress | None = Non
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * lr_factor(cfg, step, frac)
             batch = TrainBatch([samples[i] for i in idx], idx, rng)
-            loss, logs = recipe.loss(model, batch)
+            with mixed_precision(model, low):
+                loss, logs = recipe.loss(model, batch)
             if not torch.isfinite(loss):
                 raise RecmergeError(f"training diverged at epoch {epoch} (loss {loss.item()}); lower --lr")
             opt.zero_grad(set_to_none=True)
@@ -284,7 +291,8 @@ def train(ds, cfg: TrainConfig, out: str | Path, progress: Progress | None = Non
     # No timings in the checkpoint: the same seed and data must give the same bytes (the store dedupes
     # by sha256, and a re-run job must reproduce its artifact); timings live in the log beside it.
     summary = {"best_epoch": best_epoch, "epochs_run": len(history), "valid": best_valid,
-               "config": {k: v for k, v in asdict(cfg).items() if k not in ("resume", "threads")}}
+               "config": {k: v for k, v in asdict(cfg).items() if k not in ("resume", "threads")},
+               "precision": str(low or torch.float32)}
     meta = CheckpointMeta(backbone=bcfg, recipe=recipe.to_json(), dataset_fingerprint=ds.fingerprint,
                           n_items=ds.n_items, created_by=CREATED_BY,
                           extra={"train": json.dumps(summary, sort_keys=True)})

@@ -118,7 +118,7 @@ def train(a: Attempt) -> Record:
     cfg = TrainConfig(recipe=spec.recipe, options=spec.options, **shape, epochs=spec.epochs,
                       batch_size=spec.batch_size, lr=spec.lr, patience=spec.patience, seed=spec.seed,
                       init=str(init) if init else None,
-                      device=a.res.device, max_minutes=spec.max_minutes)
+                      device=a.res.device, max_minutes=spec.max_minutes, precision=spec.precision)
     last = 0.9 if spec.evaluate_test else 1.0
     out = run_training(ds, cfg, a.workdir / "model.safetensors", progress=a.scaled(0.0, last))
     metrics = {"valid": {"full": out.valid}}

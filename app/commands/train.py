@@ -78,6 +78,9 @@ def register(sub) -> None:
     o.add_argument("--resume", action="store_true",
                    help="continue the run whose state (OUT.state.safetensors) sits beside --out")
     o.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    o.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=_DEFAULTS.precision,
+                   help="products in bfloat16 (bf16) or float32; auto: bf16 where the hardware makes it "
+                        "fast (CPUs with AMX, CUDA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     g = p.add_argument_group("recipe options (each belongs to the recipes named in its help)")
@@ -127,7 +130,7 @@ def run(args) -> int:
                       weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup_steps,
                       final_lr_ratio=args.final_lr_ratio, patience=args.patience, eval_every=args.eval_every,
                       seed=args.seed, init=args.init, device=args.device, threads=args.threads,
-                      max_minutes=args.max_minutes, resume=args.resume)
+                      max_minutes=args.max_minutes, resume=args.resume, precision=args.precision)
     ds = PreparedDataset.load(args.data)
     res = train(ds, cfg, args.out, show_bar=True)
     print(json.dumps({"checkpoint": str(res.checkpoint), "sha256": res.sha256, "best_epoch": res.best_epoch,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import timedelta
 
@@ -51,6 +52,28 @@ def test_prepare_then_train_registers_one_model_with_its_file(bg, dataset_id):
     assert set(m.metrics) == {"valid", "test"} and 0.0 <= m.metrics["test"]["full"]["ndcg@10"] <= 1.0
     assert bg.res.store.exists(m.sha256) and bg.res.store.size(m.sha256) == m.size
     assert not list((bg.res.settings.tmp_dir / "jobs").iterdir())  # scratch space cleaned
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_job_runs_at_the_requested_precision(bg, dataset_id, precision):
+    from models.checkpoint import read_metadata
+
+    jid = submit(bg.res, "train", {"dataset_id": dataset_id, "precision": precision, **TINY})
+    job = wait(bg.res, jid)
+    assert job.status == "succeeded", job.error
+    _, path = bg.res.model(job.result["model_id"])
+    summary = json.loads(read_metadata(path).extra["train"])
+    assert summary["config"]["precision"] == precision
+    assert summary["precision"] == ("torch.bfloat16" if precision == "bf16" else "torch.float32")
+
+
+def test_an_unknown_precision_is_refused_before_a_job_exists():
+    from pydantic import ValidationError
+
+    from core.specs import TrainSpec
+
+    with pytest.raises(ValidationError, match="precision"):
+        TrainSpec(dataset_id="d", precision="fp8")
 
 
 def test_user_error_fails_once_with_the_library_message(bg, dataset_id):
