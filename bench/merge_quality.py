@@ -38,7 +38,7 @@ from merging.methods import METHODS  # noqa: E402
 from models.checkpoint import load_model, read_metadata  # noqa: E402
 from models.data import PreparedDataset, prepare_dataset  # noqa: E402
 from models.evaluate import eval_data, user_ranks  # noqa: E402
-from models.metrics import per_user_metrics  # noqa: E402
+from models.metrics import mean_se, per_user_metrics  # noqa: E402
 from models.train import TrainConfig, train  # noqa: E402
 
 ZOO = ROOT / "zoo"
@@ -89,12 +89,10 @@ class Table:
         return np.load(self.work / "rows" / self.rows[name]["file"])[key].astype(np.float64)
 
     def mean_se(self, name: str, key: str) -> tuple[float, float]:
-        v = self.per_user(name, key)
-        return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v)))
+        return mean_se(self.per_user(name, key))
 
     def paired(self, name: str, other: str, key: str) -> tuple[float, float]:
-        d = self.per_user(name, key) - self.per_user(other, key)
-        return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+        return mean_se(self.per_user(name, key) - self.per_user(other, key))
 
     def valid(self, name: str) -> float:
         return self.rows[name]["means"]["valid/full/ndcg@10"]

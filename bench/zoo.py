@@ -30,7 +30,7 @@ from bench import machine  # noqa: E402
 from models.checkpoint import file_sha256, load_model, read_metadata  # noqa: E402
 from models.data import prepare_dataset  # noqa: E402
 from models.evaluate import eval_data, user_ranks  # noqa: E402
-from models.metrics import per_user_metrics  # noqa: E402
+from models.metrics import mean_se, per_user_metrics  # noqa: E402
 
 ZOO = ROOT / "zoo"
 MANIFEST = ZOO / "manifest.json"
@@ -49,7 +49,7 @@ def scores(path: Path, ds, split: str) -> dict:
     out = {}
     for protocol, r in ranks.items():
         per_user = per_user_metrics(r)
-        out[protocol] = {k: [float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v)))] for k, v in per_user.items()}
+        out[protocol] = {k: list(mean_se(v)) for k, v in per_user.items()}
     return out
 
 
@@ -110,7 +110,6 @@ def compare(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ds = prepared(args.dataset, Path(tmp))
         rows = {split: [per_user_ndcg(Path(c), ds, split) for c in args.checkpoints] for split in ("valid", "test")}
-    se = lambda v: float(v.std(ddof=1) / np.sqrt(len(v)))  # noqa: E731
     lines = [f"Command: `.venv/bin/python bench/zoo.py compare --dataset {args.dataset} "
              + " ".join(args.checkpoints) + "`", "",
              "| checkpoint | validation NDCG@10 | vs first (paired) | test NDCG@10 | vs first (paired) |",
@@ -119,8 +118,8 @@ def compare(args) -> None:
         cells = []
         for split in ("valid", "test"):
             v, ref = rows[split][i], rows[split][0]
-            paired = "—" if i == 0 else f"{(v - ref).mean():+.4f} ± {se(v - ref):.4f}"
-            cells += [f"{v.mean():.4f} ± {se(v):.4f}", paired]
+            paired = "—" if i == 0 else "{:+.4f} ± {:.4f}".format(*mean_se(v - ref))
+            cells += [fmt(mean_se(v)), paired]
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
 

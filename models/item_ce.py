@@ -38,7 +38,7 @@ class _ChunkedItemCE(torch.autograd.Function):
         # z (M, D) outputs, table (N, D) candidate rows, bias (N,), own (M,) or None, labels (M,) columns
         # in 0..N-1 (when own is None), exclude (M,) columns or -1 (or None)
         M = z.shape[0]
-        low = mm_dtype is not None and mm_dtype != z.dtype
+        low = _lowers(z, mm_dtype)
         # The products' operands, cast once; the float32 originals stay for the softmax and the sums.
         z_mm, table_mm = (z.to(mm_dtype), table.to(mm_dtype)) if low else (z, table)
         need = ctx.needs_input_grad
@@ -85,17 +85,16 @@ class _ChunkedItemCE(torch.autograd.Function):
                 torch.div(own_p, norm, out=down[start:stop]).sub_(1.0)
             if dbias is not None:
                 dbias.addmv_(grad.T, ones[: stop - start])  # a column sum through BLAS: sum(0) was slower
-            if low:
-                grad = F.pad(grad.to(mm_dtype), (0, 0, 0, chunk - len(rows)))  # zero rows add nothing
-            if dz is not None:
-                if low:
+            if low:  # the products in mm_dtype at the padded shape (zero rows add nothing), sums in float32
+                grad = F.pad(grad.to(mm_dtype), (0, 0, 0, chunk - len(rows)))
+                if dz is not None:
                     dz[start:stop] = torch.mm(grad, table_mm)[: len(rows)]
-                else:
-                    torch.mm(grad, table, out=dz[start:stop])
-            if dtable is not None:
-                if low:
+                if dtable is not None:
                     dtable += torch.mm(grad.T, zc)
-                else:
+            else:
+                if dz is not None:
+                    torch.mm(grad, table, out=dz[start:stop])
+                if dtable is not None:
                     dtable.addmm_(grad.T, zc)
         ctx.scale = 1.0 / M
         ctx.present = tuple(t is not None for t in (dz, dtable, dbias, down))
@@ -113,12 +112,17 @@ class _ChunkedItemCE(torch.autograd.Function):
 LOW_CHUNK_ROWS = 1024
 
 
+def _lowers(z: torch.Tensor, mm_dtype: torch.dtype | None) -> bool:
+    """Whether the products run in a type other than the inputs' own."""
+    return mm_dtype is not None and mm_dtype != z.dtype
+
+
 def _chunk_rows(z: torch.Tensor, table: torch.Tensor, chunk: int | None, mm_dtype=None) -> int:
     if z.shape[0] == 0:
         raise ValueError("the cross-entropy needs at least one row")
     if chunk:
         return chunk
-    if mm_dtype is not None and mm_dtype != z.dtype:
+    if _lowers(z, mm_dtype):
         return min(LOW_CHUNK_ROWS, max(64, CHUNK_ENTRIES // max(1, table.shape[0])))
     return max(64, CHUNK_ENTRIES // max(1, table.shape[0]))
 

@@ -62,6 +62,13 @@ def mean_metrics(ranks, ks: Sequence[int] = METRIC_KS) -> dict[str, float]:
     return {name: float(per_user[name].mean()) for name in metric_names(ks)}
 
 
+def mean_se(values) -> tuple[float, float]:
+    """Mean of per-user values and its standard error over users; applied to the per-user differences of
+    two models scored on the same users, the paired difference and its (much smaller) standard error."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v)))
+
+
 def error_inconsistency(ndcg_a, ndcg_b, threshold: float = 0.5) -> float:
     """% of users where exactly one of two models scores NDCG@10 above `threshold`."""
     a, b = np.asarray(ndcg_a), np.asarray(ndcg_b)

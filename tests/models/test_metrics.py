@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.metrics import error_inconsistency, mean_metrics, metric_names, per_user_metrics, rank_of_target
+from models.metrics import error_inconsistency, mean_metrics, mean_se, metric_names, per_user_metrics, rank_of_target
 
 
 def test_rank_counts_strictly_better_items():
@@ -63,3 +63,11 @@ def test_error_inconsistency_counts_users_where_exactly_one_model_is_good():
     assert error_inconsistency(a, a) == 0.0
     with pytest.raises(ValueError):
         error_inconsistency(a, b[:3])
+
+
+def test_mean_se_is_the_mean_and_its_standard_error_over_users():
+    m, se = mean_se([1.0, 2.0, 3.0, 6.0])
+    assert m == 3.0
+    assert abs(se - (14 / 3) ** 0.5 / 2) < 1e-12  # sample variance 14/3, four users
+    m, se = mean_se([0.25, 0.25, 0.25])
+    assert (m, se) == (0.25, 0.0)  # exactly representable: no spread, no error
