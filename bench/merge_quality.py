@@ -134,13 +134,13 @@ def ensemble_scorer(paths: list[Path]) -> Callable[[torch.Tensor], torch.Tensor]
 
 # --------------------------------------------------------------------------------------------- plan
 
-def zoo_models(dataset: str, backbone: str) -> tuple[dict, list[dict]]:
+def zoo_models(dataset: str, family: str, base_name: str) -> tuple[dict, list[dict]]:
     manifest = json.loads((ZOO / "manifest.json").read_text())["models"]
-    mine = [m for m in manifest if m["dataset"] == dataset and m["name"].startswith(f"{backbone}-")]
-    base = [m for m in mine if m["name"] == f"{backbone}-base"]
-    fts = [m for m in mine if m["name"].startswith(f"{backbone}-ft-")]
+    mine = [m for m in manifest if m["dataset"] == dataset]
+    base = [m for m in mine if m["name"] == base_name]
+    fts = [m for m in mine if m["name"].startswith(f"{family}-ft-")]
     if not base or not fts:
-        sys.exit(f"zoo has no {backbone}-base or no {backbone}-ft-* for {dataset}")
+        sys.exit(f"zoo has no {base_name} or no {family}-ft-* for {dataset}")
     return base[0], fts
 
 
@@ -148,6 +148,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", default="ml-1m", choices=sorted(SOURCES))
     ap.add_argument("--backbone", default="sasrec", choices=["sasrec", "bert4rec"])
+    ap.add_argument("--family", help="the ingredients are the zoo's <family>-ft-* (default: the backbone's name)")
+    ap.add_argument("--base", help="the zoo name of their base (default: <family>-base)")
     ap.add_argument("--work", required=True, help="scratch directory: prepared data, Fishers, merges, cached rows")
     ap.add_argument("--sections", default="ingredients,ensemble,soups,fisher,search,ft",
                     help="comma-separated parts to run (the table prints every cached row anyway)")
@@ -176,9 +178,10 @@ def main() -> None:
     for name in args.redo:
         table.drop(name)
     sections = set(args.sections.split(","))
-    base_entry, ft_entries = zoo_models(args.dataset, args.backbone)
+    args.family = args.family or args.backbone
+    base_entry, ft_entries = zoo_models(args.dataset, args.family, args.base or f"{args.family}-base")
     base = ROOT / base_entry["file"]
-    names = [m["name"].removeprefix(f"{args.backbone}-ft-") for m in ft_entries]
+    names = [m["name"].removeprefix(f"{args.family}-ft-") for m in ft_entries]
     paths = {n: ROOT / m["file"] for n, m in zip(names, ft_entries)}
     for spec in args.extra:
         name, _, path = spec.partition("=")
@@ -317,9 +320,9 @@ def report(args, table: Table, names: list[str], best_ing: str, base_entry: dict
     extra = {spec.partition("=")[0]: spec.partition("=")[2] for spec in args.extra}
 
     def label(n: str) -> str:
-        return f"{n} (`{extra[n]}`)" if n in extra else f"{args.backbone}-ft-{n}"
+        return f"{n} (`{extra[n]}`)" if n in extra else f"{args.family}-ft-{n}"
 
-    lines = [f"# Merge quality on {args.dataset}: {args.backbone} zoo", "",
+    lines = [f"# Merge quality on {args.dataset}: {args.family} zoo", "",
              "Commands, in order (each run adds the rows its cache lacks; `--sections none` only rewrites this "
              "file), each with its machine at the start:", "",
              *[f"    {c['command']}\n      # {c['machine']}" for c in args.commands], "",

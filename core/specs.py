@@ -45,9 +45,13 @@ class TrainSpec(Spec):
     heads: int = Field(1, ge=1, le=64)
     inner: int = Field(64, ge=1, le=16384)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
-    norm: Literal["pre", "post"] = "pre"
+    norm: Literal["auto", "pre", "post", "sasrec"] = Field(
+        "auto", description="block design; auto: the backbone's shipped one (sasrec: sasrec, bert4rec: pre)")
     head: bool = Field(False, description="a projection head before the tied item table")
     activation: Literal["relu", "gelu"] = "relu"
+    positions: Literal["auto", "end", "start"] = Field(
+        "auto", description="position embeddings counted back from the last item (end) or from the first "
+        "(start); auto: the backbone's shipped choice (sasrec: start, bert4rec: end)")
     max_len: int = Field(200, ge=2, le=4096)
     batch_size: int = Field(32, ge=1, le=65536)
     lr: float = Field(1e-3, gt=0.0, le=1.0)

@@ -90,7 +90,10 @@ class _Batch:
             self.items = model.item_emb.weight[1 : cfg.n_items + 1].detach()  # (N, D)
             self.probs = torch.softmax(model.item_logits(self.z), dim=-1)  # (B, N)
             self.zbar = self.probs @ self.items  # (B, D): Σ_c p_c E_c
-        self.pos_rows = slice(cfg.max_len - self.tokens.shape[1], cfg.max_len)
+        # The position table's rows this batch touches, and where each token's gradient lands in them.
+        T = self.tokens.shape[1]
+        self.pos_index = model.positions(self.tokens)  # (B, T), or (1, T) when shared by the batch
+        self.pos_rows = slice(cfg.max_len - T, cfg.max_len) if cfg.positions == "end" else slice(0, T)
         self._wanted = self.tape.outputs + [self.e]
 
     def backward(self, cot: torch.Tensor) -> tuple[list, torch.Tensor]:
@@ -98,6 +101,13 @@ class _Batch:
         grads = torch.autograd.grad(self.z_graph, self._wanted, cot, retain_graph=True, allow_unused=True)
         ge = grads[-1] if grads[-1] is not None else torch.zeros_like(self.e)
         return list(grads[:-1]), ge
+
+    def pos_grads(self, ge: torch.Tensor) -> torch.Tensor:
+        """ge (B, T, D) per token -> (B, T, D) per row of `pos_rows`. With "start" positions a row's
+        tokens sit at different columns; padding lands on row 0 with a zero gradient (nothing reads it)."""
+        if self.pos_index.shape[0] == 1:  # "end": column t is row start + t for every example
+            return ge
+        return torch.zeros_like(ge).scatter_add_(1, self.pos_index[..., None].expand_as(ge), ge)
 
 
 def _per_example(acc: SquaredGradSums, b: _Batch, cols: torch.Tensor, w: torch.Tensor, step) -> None:
@@ -139,7 +149,7 @@ def _per_example(acc: SquaredGradSums, b: _Batch, cols: torch.Tensor, w: torch.T
     for k in range(cot.shape[1]):
         grads, ge = b.backward(cot[:, k])
         acc.layers(b.tape.records, grads)
-        acc.table_rows(POS_TABLE, b.pos_rows, ge)
+        acc.table_rows(POS_TABLE, b.pos_rows, b.pos_grads(ge))
         a = groups.sum(ge)
         sq += a.square()
         cross += gamma[:, :, k, None] * a
@@ -161,7 +171,7 @@ def _batchwise(acc: SquaredGradSums, b: _Batch, cols: torch.Tensor, w: torch.Ten
         weight = w[:, r].sum()
         grads, ge = b.backward(E[v] - b.zbar)
         acc.layers(b.tape.records, grads, weight)
-        acc.table_rows(POS_TABLE, b.pos_rows, ge, weight)
+        acc.table_rows(POS_TABLE, b.pos_rows, b.pos_grads(ge), weight)
         acc.add(OUT_BIAS, weight * (torch.bincount(v, minlength=N).to(p.dtype) - p_sum).square())
         g_table = E.new_zeros(N + 2, E.shape[1])  # (vocab, D): the batch's summed table gradient
         g_table[1 : N + 1] = -mean_side

@@ -31,16 +31,14 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
         self.proj = nn.Linear(cfg.hidden, cfg.hidden)
 
-    def forward(self, x, mask, last_only=False):  # x (B, T, D), mask (B, 1, T|1, T) bool, True = may attend
-        B, T, D = x.shape
-        # Always through the qkv module, even when only the final query is needed: the per-example
-        # Fisher hooks modules, and slicing the weight by hand would bypass them.
-        q, k, v = self.qkv(x).split(D, dim=2)
+    def forward(self, qkv, mask, last_only=False):  # qkv (B, T, 3D) projected, mask (B, 1, T|1, T) bool
+        B, T, D = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        q, k, v = qkv.split(D, dim=2)
         if last_only:  # one query (the final position) against every key
             q, mask = q[:, -1:], mask[:, :, -1:]
         Tq = q.shape[1]
-        q = q.view(B, Tq, self.heads, D // self.heads).transpose(1, 2)  # (B, H, Tq, d)
-        k, v = (t.view(B, T, self.heads, D // self.heads).transpose(1, 2) for t in (k, v))  # (B, H, T, d)
+        q = q.reshape(B, Tq, self.heads, D // self.heads).transpose(1, 2)  # (B, H, Tq, d)
+        k, v = (t.reshape(B, T, self.heads, D // self.heads).transpose(1, 2) for t in (k, v))  # (B, H, T, d)
         # No dropout on the attention probabilities: on CPU it forces the unfused attention path and a
         # (B, H, T, T) random mask, which made a training step 1.5-2x slower; dropout stays on the
         # embeddings and on each sub-layer's output.
@@ -53,43 +51,69 @@ class FeedForward(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(cfg.hidden, cfg.inner)
         self.fc2 = nn.Linear(cfg.inner, cfg.hidden)
-
         self.act = F.relu if cfg.activation == "relu" else F.gelu
+        # The original SASRec block also drops inside the feed-forward, after the activation.
+        self.inner_drop = Dropout(cfg.dropout) if cfg.norm == "sasrec" else nn.Identity()
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.inner_drop(self.act(self.fc1(x))))
 
 
 class Block(nn.Module):
-    """Post-LayerNorm (as in BERT and BERT4Rec) or pre-LayerNorm (LN before each sub-layer, the residual
-    stream left unnormalised; trains faster and more stably at these sizes) — the same tensors either way.
+    """Three arrangements of the same tensors:
+    - post: LayerNorm after each residual sum (BERT, BERT4Rec);
+    - pre: LayerNorm before each sub-layer, the residual stream left unnormalised (trains faster and more
+      stably at these sizes);
+    - sasrec: the original SASRec code's block: queries from the normalised input, keys and values from the
+      input itself, the attention output added to the normalised input, then a normalised stream into
+      the feed-forward, which drops inside as well.
 
     Split in two so the packed inference path (models/packed.py) can run attention its own way:
-    `attn_input` is what the attention's qkv sees, `finish` adds the attention output back and applies
-    the feed-forward."""
+    `attn_input` gives what the qkv projection reads and the stream the attention output is added to,
+    `finish` adds it back and applies the feed-forward. Every Linear and LayerNorm is called once per pass,
+    which the per-example Fisher (merging/per_example.py) relies on."""
 
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
-        self.pre = cfg.norm == "pre"
+        self.norm = cfg.norm
         self.attn = SelfAttention(cfg)
         self.ln1 = nn.LayerNorm(cfg.hidden)
         self.ffn = FeedForward(cfg)
         self.ln2 = nn.LayerNorm(cfg.hidden)
         self.drop = Dropout(cfg.dropout)
 
-    def attn_input(self, x):
-        return self.ln1(x) if self.pre else x
+    def attn_input(self, x):  # (..., T, D) -> (the qkv projection's input, the residual stream)
+        if self.norm == "sasrec":
+            # Normalised rows then raw rows through one qkv call: queries are read from the first half,
+            # keys and values from the second (one call keeps the per-example Fisher exact).
+            r = self.ln1(x)
+            return torch.cat([r, x], dim=-2), r
+        return (self.ln1(x) if self.norm == "pre" else x), x
 
-    def finish(self, x, a):  # x: the stream at the query rows, a: the attention output there
-        if self.pre:
-            h = x + self.drop(a)
+    def project(self, x):  # (..., T, D) -> (qkv (..., T, 3D), the residual stream)
+        inp, r = self.attn_input(x)
+        qkv = self.attn.qkv(inp)
+        if self.norm == "sasrec":
+            T, D = x.shape[-2], x.shape[-1]
+            qkv = torch.cat([qkv[..., :T, :D], qkv[..., T:, D:]], dim=-1)
+        return qkv, r
+
+    def finish(self, r, a):  # r: the residual stream at the query rows, a: the attention output there
+        if self.norm == "pre":
+            h = r + self.drop(a)
             return h + self.drop(self.ffn(self.ln2(h)))
-        h = self.ln1(x + self.drop(a))
+        if self.norm == "sasrec":
+            h = self.ln2(r + self.drop(a))
+            return h + self.drop(self.ffn(h))
+        h = self.ln1(r + self.drop(a))
         return self.ln2(h + self.drop(self.ffn(h)))
 
     def forward(self, x, mask, last_only=False):
-        a = self.attn(self.attn_input(x), mask, last_only)
-        return self.finish(x[:, -1:] if last_only else x, a)
+        # Always through the qkv module, even when only the final query is needed: the per-example
+        # Fisher hooks modules, and slicing the weight by hand would bypass them.
+        qkv, r = self.project(x)
+        a = self.attn(qkv, mask, last_only)
+        return self.finish(r[:, -1:] if last_only else r, a)
 
 
 class SeqRecModel(nn.Module):
@@ -103,7 +127,7 @@ class SeqRecModel(nn.Module):
         self.emb_drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         # Pre-LN leaves the stream unnormalised: one LayerNorm after the last block (no tensors in post).
-        self.final_ln = nn.LayerNorm(D) if cfg.norm == "pre" else nn.Identity()
+        self.final_ln = nn.LayerNorm(D) if cfg.norm in ("pre", "sasrec") else nn.Identity()
         if cfg.head:
             self.head = nn.Linear(D, D)
             self.head_ln = nn.LayerNorm(D)
@@ -140,6 +164,18 @@ class SeqRecModel(nn.Module):
         mask |= torch.eye(T, dtype=torch.bool, device=tokens.device)[None]
         return mask[:, None]
 
+    def positions(self, tokens):  # (B, T) left-padded -> (B, T) rows of pos_emb, or (1, T) for "end"
+        """Either way a narrow batch embeds exactly like a full-width one: "end" counts back from the last
+        column, "start" from each row's first real token (padding takes row 0; nothing attends to it)."""
+        T = tokens.shape[1]
+        col = torch.arange(T, device=tokens.device)
+        if self.cfg.positions == "end":
+            return (col + (self.cfg.max_len - T))[None]
+        real = tokens != 0
+        # Leading padding per row; a row of padding only (an empty history) counts as one token at row 0.
+        first = torch.where(real.any(1, keepdim=True), real.to(torch.uint8).argmax(1, keepdim=True), T - 1)
+        return (col[None] - first).clamp_(min=0)
+
     def encode(self, tokens, last_only=False):  # (B, T) left-padded -> (B, T, D), or (B, 1, D) if last_only
         """last_only: only the final position's state, all a sequence representation (contrastive view)
         needs; the last block then computes one query instead of T, about halving a 2-layer pass."""
@@ -153,9 +189,7 @@ class SeqRecModel(nn.Module):
         if self.compute_dtype is not None and W > T:
             out = self.encode(F.pad(tokens, (W - T, 0)), last_only)
             return out if last_only else out[:, W - T :]
-        # Positions count back from the end, so a narrow batch embeds exactly like a full-width one.
-        pos = torch.arange(self.cfg.max_len - T, self.cfg.max_len, device=tokens.device)
-        x = self.emb_drop(self.emb_ln(self.item_emb(tokens) + self.pos_emb(pos)[None]))
+        x = self.emb_drop(self.emb_ln(self.item_emb(tokens) + self.pos_emb(self.positions(tokens))))
         mask = self.attention_mask(tokens)
         # Under autocast only the Linear layers run in compute_dtype (attention stays float32: `attention`);
         # the residual stream (float32 + low precision -> float32), every LayerNorm and the result stay

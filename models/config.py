@@ -8,8 +8,11 @@ from dataclasses import asdict, dataclass, fields
 from models.errors import CheckpointError
 
 BACKBONES = ("bert4rec", "sasrec")
-NORMS = ("post", "pre")
+NORMS = ("post", "pre", "sasrec")
 ACTIVATIONS = ("gelu", "relu")
+POSITIONS = ("end", "start")
+# The fields a run copies from a checkpoint it continues (everything but n_items and kind).
+SHAPE_FIELDS = ("hidden", "layers", "heads", "inner", "dropout", "max_len", "norm", "head", "activation", "positions")
 
 
 @dataclass(frozen=True)
@@ -25,9 +28,14 @@ class BackboneConfig:
     # The defaults below are the first design (BERT-style post-LayerNorm blocks, a projection head
     # before the tied item table), so checkpoints written before these fields existed read as they were
     # trained. `recmerge train` ships the faster-learning design: pre-LayerNorm, no head, ReLU.
-    norm: str = "post"  # post: LN after each residual sum | pre: LN before each sub-layer, one final LN
+    # post: LN after each residual sum | pre: LN before each sub-layer, one final LN | sasrec: the original
+    # SASRec code's block (models/backbone.py Block)
+    norm: str = "post"
     head: bool = True  # a Linear+GELU+LN projection between the last block and the tied item table
     activation: str = "gelu"  # of the feed-forward
+    # end: a position counts back from the window's last item (recency only) | start: it counts from the
+    # window's first item, so for histories within max_len it says how many items the user had before.
+    positions: str = "end"
 
     def __post_init__(self):
         if self.kind not in BACKBONES:
@@ -38,6 +46,8 @@ class BackboneConfig:
             raise ValueError(f"unknown norm {self.norm!r}; known: {', '.join(NORMS)}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; known: {', '.join(ACTIVATIONS)}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"unknown positions {self.positions!r}; known: {', '.join(POSITIONS)}")
         if not isinstance(self.head, bool):
             raise ValueError(f"head must be true or false (got {self.head!r})")
         if self.hidden % self.heads:

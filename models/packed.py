@@ -72,9 +72,8 @@ def final_states(model, seqs: Sequence[torch.Tensor]) -> torch.Tensor:
     groups = [_Group([seqs[k] for k in order[i:j]], model, dev) for i, j in runs]
 
     tokens = torch.cat([g.tokens.reshape(-1)[g.flat] for g in groups])
-    # Positions count back from the end, as in the padded path: a token's position depends only on its
-    # distance from the sequence's last item.
-    pos = torch.cat([(g.flat % g.width) + (cfg.max_len - g.width) for g in groups])
+    # Each group's positions as the padded path gives them (its grid is left-padded the same way).
+    pos = torch.cat([model.positions(g.tokens).expand(g.n, -1).reshape(-1)[g.flat] for g in groups])
     x = model.emb_drop(model.emb_ln(model.item_emb(tokens) + model.pos_emb(pos)))
     sizes = [g.size for g in groups]
     # Row of each sequence's final token in the packed matrix (the last real cell of each grid row).
@@ -90,7 +89,7 @@ def final_states(model, seqs: Sequence[torch.Tensor]) -> torch.Tensor:
         final = b == len(model.blocks) - 1
         attn = block.attn
         # (N, 3D): every real token's keys and values are needed, even in the last block
-        qkv = attn.qkv(block.attn_input(x))
+        qkv, r = block.project(x)
         outs = []
         for g, part in zip(groups, torch.split(qkv, sizes)):
             grid = qkv.new_zeros(g.n * g.width, 3 * D).index_copy_(0, g.flat, part).view(g.n, g.width, 3 * D)
@@ -104,7 +103,7 @@ def final_states(model, seqs: Sequence[torch.Tensor]) -> torch.Tensor:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(g.n * Tq, D)
             outs.append(y if final else y.index_select(0, g.flat))
         a = attn.proj(torch.cat(outs))
-        x = block.finish(x.index_select(0, last) if final else x, a)
+        x = block.finish(r.index_select(0, last) if final else r, a)
     if not len(model.blocks):
         x = x.index_select(0, last)
     x = model.final_ln(x)

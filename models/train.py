@@ -18,7 +18,7 @@ import torch
 from models.backbone import SeqRecModel
 from models.batching import length_batches
 from models.checkpoint import CREATED_BY, CheckpointMeta, check_trained_on, load_checkpoint, save_checkpoint
-from models.config import BackboneConfig
+from models.config import SHAPE_FIELDS, BackboneConfig
 from models.errors import IncompatibleError, RecmergeError
 from models.precision import PRECISIONS, mixed_precision, resolve_precision
 from models.recipes import TrainBatch, recipe_class, recipe_options
@@ -27,6 +27,10 @@ Progress = Callable[[str, float], None]
 
 
 SCHEDULES = ("constant", "cosine")
+# What "auto" means per backbone, each measured in 60-minute runs (docs/results/accuracy-ml-1m.md, session
+# 2026-12-07 10:19): sasrec learns more with the original SASRec block and positions counted from the
+# window's start; bert4rec learned less with positions from the start and keeps its pre-LN block.
+DESIGN = {"sasrec": {"norm": "sasrec", "positions": "start"}, "bert4rec": {"norm": "pre", "positions": "end"}}
 
 
 @dataclass
@@ -42,9 +46,10 @@ class TrainConfig:
     inner: int = 64
     dropout: float = 0.2
     max_len: int = 200
-    norm: str = "pre"
+    norm: str = "auto"  # auto: the backbone's entry in DESIGN
     head: bool = False
     activation: str = "relu"
+    positions: str = "auto"  # auto: the backbone's entry in DESIGN
     # The optimisation.
     epochs: int = 200
     batch_size: int = 32  # more steps per epoch: the popularity plateau lasts a number of steps
@@ -82,13 +87,16 @@ class TrainConfig:
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise RecmergeError(f"max_minutes must be > 0 (got {self.max_minutes})")
         self.betas = tuple(self.betas)
+        # Resolved here, so that a run's identity (and so --resume) records the design it really trains.
+        for name, value in DESIGN.get(self.backbone, {}).items():
+            if getattr(self, name) == "auto":
+                setattr(self, name, value)
 
     @classmethod
     def continuing(cls, backbone: BackboneConfig, init: str, **kw) -> TrainConfig:
         """A run that starts from a checkpoint of this backbone (fine-tuning, a merge's extra epochs):
         every shape field is the checkpoint's."""
-        shape = {k: getattr(backbone, k) for k in ("hidden", "layers", "heads", "inner", "dropout", "max_len",
-                                                    "norm", "head", "activation")}
+        shape = {k: getattr(backbone, k) for k in SHAPE_FIELDS}
         return cls(backbone=backbone.kind, init=init, **shape, **kw)
 
 
@@ -129,9 +137,7 @@ def resolve_device(device: str | None) -> torch.device:
 
 def backbone_config(cfg: TrainConfig, n_items: int) -> BackboneConfig:
     try:
-        return BackboneConfig(n_items=n_items, kind=cfg.backbone, hidden=cfg.hidden, layers=cfg.layers,
-                              heads=cfg.heads, inner=cfg.inner, dropout=cfg.dropout, max_len=cfg.max_len,
-                              norm=cfg.norm, head=cfg.head, activation=cfg.activation)
+        return BackboneConfig(n_items=n_items, kind=cfg.backbone, **{k: getattr(cfg, k) for k in SHAPE_FIELDS})
     except ValueError as e:
         raise RecmergeError(str(e)) from None
 

@@ -17,6 +17,7 @@ from core import jobs
 from core.db_models import Dataset, Fisher, Model
 from core.specs import EvaluateSpec, FisherSpec, MergeSpec, PrepareSpec, TrainSpec
 from models.checkpoint import read_metadata
+from models.config import SHAPE_FIELDS as BACKBONE_SHAPE
 from models.errors import DataError, RecmergeError
 from workers.attempt import Attempt, Record
 
@@ -95,7 +96,7 @@ def prepare(a: Attempt) -> Record:
 
 
 # train -----------------------------------------------------------------------------------------------
-SHAPE_FIELDS = ("backbone", "hidden", "layers", "heads", "inner", "dropout", "norm", "head", "activation", "max_len")
+SHAPE_FIELDS = ("backbone", *BACKBONE_SHAPE)
 
 
 def train(a: Attempt) -> Record:

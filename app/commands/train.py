@@ -14,8 +14,13 @@ _SCALARS = (bool, int, float, str)
 
 
 def _default_config():
+    """TrainConfig's field defaults as declared: "auto" design fields stay "auto" until the backbone is known."""
+    from dataclasses import MISSING, fields
+    from types import SimpleNamespace
+
     from models.train import TrainConfig
-    return TrainConfig()
+    return SimpleNamespace(**{f.name: f.default if f.default is not MISSING else f.default_factory()
+                              for f in fields(TrainConfig)})
 
 
 _DEFAULTS = _default_config()
@@ -102,7 +107,7 @@ def recipe_options_from_args(args) -> dict:
 
 
 _SHAPE_FLAGS = {"max_len": int, "hidden": int, "layers": int, "heads": int, "inner": int, "dropout": float,
-                "norm": str, "head": _parse_bool, "activation": str}
+                "norm": str, "head": _parse_bool, "activation": str, "positions": str}
 
 
 def backbone_settings(args) -> dict:

@@ -46,7 +46,9 @@ def test_plain_train_ships_the_pre_ln_design_and_resume_finishes_a_run(ds, tmp_p
     rc, stdout, err = run(capsys, *argv)
     assert rc == 0, err
     bb = read_metadata(out).backbone
-    assert (bb.norm, bb.head, bb.activation, bb.inner, bb.heads) == ("pre", False, "relu", 64, 1)
+    # sasrec's shipped design (models/train.py DESIGN): the original SASRec block, positions from the start
+    assert (bb.norm, bb.positions, bb.head, bb.activation, bb.inner, bb.heads) == ("sasrec", "start", False, "relu",
+                                                                                  64, 1)
     first = json.loads(stdout.strip().splitlines()[-1])
     state = out.with_name("m.state.safetensors")
     assert state.exists()
@@ -55,3 +57,20 @@ def test_plain_train_ships_the_pre_ln_design_and_resume_finishes_a_run(ds, tmp_p
     assert json.loads(stdout.strip().splitlines()[-1])["sha256"] == first["sha256"]
     rc, _, err = run(capsys, *argv[:-2], "--lr", 0.01, "--out", out, "--resume")
     assert rc == 2 and "belongs to another run" in err
+
+
+def test_positions_from_the_start_are_recorded_inherited_and_checked(ds, tmp_path, capsys):
+    base = tmp_path / "start.safetensors"
+    rc, _, err = run(capsys, "train", "--data", ds.path, "--backbone", "sasrec", "--max-len", 9, "--hidden", 16,
+                     "--positions", "start", "--epochs", 1, "--out", base)
+    assert rc == 0, err
+    assert read_metadata(base).backbone.positions == "start"
+    tuned = tmp_path / "tuned.safetensors"
+    rc, _, err = run(capsys, "train", "--data", ds.path, "--init", base, "--epochs", 1, "--out", tuned)
+    assert rc == 0, err
+    assert read_metadata(tuned).backbone.positions == "start"  # a fine-tune keeps its base's positions
+    bad = tmp_path / "bad.safetensors"
+    rc, _, err = run(capsys, "train", "--data", ds.path, "--backbone", "sasrec", "--positions", "sideways",
+                     "--epochs", 1, "--out", bad)
+    assert rc == 2 and "positions" in err and "sideways" in err
+    assert not bad.exists()

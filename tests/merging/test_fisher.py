@@ -77,6 +77,17 @@ def test_per_example_equals_brute_force(kind, sampling, n):
 
 
 @pytest.mark.parametrize("kind", ["bert4rec", "sasrec"])
+@pytest.mark.parametrize("sampling,n", [("exact", None), ("topk", 12), ("model", 6), ("target", None)])
+@pytest.mark.parametrize("design", [{"positions": "start"}, {"norm": "sasrec"}, {"norm": "pre", "head": False}])
+def test_per_example_equals_brute_force_in_other_designs(kind, sampling, n, design):
+    # positions from the start: each sequence's tokens sit at other rows of the position table than its
+    # batch-mates' (and its padding at row 0); the sasrec block reads its qkv projection twice per token.
+    model = tiny_model(kind, **design)
+    got = compute_fisher(model, SEQS, TARGETS, sampling=sampling, n=n, batch_size=3)
+    assert_close(got, brute_per_example(model, sampling, n))
+
+
+@pytest.mark.parametrize("kind", ["bert4rec", "sasrec"])
 @pytest.mark.parametrize("sampling,n", [("exact", None), ("topk", 5), ("model", 6), ("target", None)])
 def test_batchwise_is_eq_3_10(kind, sampling, n):
     model = tiny_model(kind, seed=1)

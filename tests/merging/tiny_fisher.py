@@ -18,10 +18,11 @@ SELECTIONS = [("exact", None), ("topk", 5), ("topk", 12), ("random", 4), ("rando
               ("model", 13), ("target", None)]
 
 
-def tiny_model(kind: str, seed: int = 0) -> SeqRecModel:
+def tiny_model(kind: str, seed: int = 0, **design) -> SeqRecModel:
+    """design: BackboneConfig fields beyond the first design's (norm, positions, ...)."""
     torch.manual_seed(seed)
     cfg = BackboneConfig(n_items=N_ITEMS, kind=kind, hidden=HIDDEN, layers=2, heads=2, inner=16, max_len=8,
-                         dropout=0.3)
+                         dropout=0.3, **design)
     model = SeqRecModel(cfg).double()
     with torch.no_grad():  # fresh LayerNorms and biases are all 1 / 0: move them to a generic point
         for p in model.parameters():

@@ -11,7 +11,9 @@ from models.packed import attention_groups, final_states
 from models.recommend import top_k
 
 # The first design (post-LN with a head) and the one `recmerge train` ships (pre-LN, no head, ReLU).
-DESIGNS = {"post": {}, "pre": {"norm": "pre", "head": False, "activation": "relu"}}
+DESIGNS = {"post": {}, "pre": {"norm": "pre", "head": False, "activation": "relu"},
+           "pre-start": {"norm": "pre", "head": False, "activation": "relu", "positions": "start"},
+           "sasrec": {"norm": "sasrec", "head": False, "activation": "relu"}}
 
 
 def model(kind, layers=2, design="post"):
@@ -31,7 +33,7 @@ def histories(seed=0):
     return [rng.integers(1, 41, size=n) for n in (0, 1, 11, 12, 30, 4, 4, 7, 2, 9)]
 
 
-@pytest.mark.parametrize("design", ["post", "pre"])
+@pytest.mark.parametrize("design", list(DESIGNS))
 @pytest.mark.parametrize("kind", ["bert4rec", "sasrec"])
 @pytest.mark.parametrize("layers", [1, 2, 3])
 def test_packed_scores_equal_one_padded_row_at_a_time(kind, layers, design):

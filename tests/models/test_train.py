@@ -114,3 +114,16 @@ def test_cli_train_refuses_foreign_option_in_one_line(planted, tmp_path):
         pytest.fail("no registered recipe declares a temperature option")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "--temperature not an option of recipe 'bert4rec'" in r.stderr
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "bert4rec"])
+def test_auto_design_is_each_backbones_own_and_explicit_fields_win(backbone):
+    from models.train import DESIGN, backbone_config
+
+    cfg = TrainConfig(backbone=backbone)
+    assert (cfg.norm, cfg.positions) == (DESIGN[backbone]["norm"], DESIGN[backbone]["positions"])
+    assert backbone_config(cfg, 10).norm == DESIGN[backbone]["norm"]
+    other = TrainConfig(backbone=backbone, norm="post", positions="start")
+    assert (other.norm, other.positions) == ("post", "start")
+    # the two backbones' shipped designs differ, so "auto" is resolved per backbone, not once
+    assert DESIGN["sasrec"] != DESIGN["bert4rec"]
