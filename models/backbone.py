@@ -69,9 +69,9 @@ class Block(nn.Module):
       the feed-forward, which drops inside as well.
 
     Split in two so the packed inference path (models/packed.py) can run attention its own way:
-    `attn_input` gives what the qkv projection reads and the stream the attention output is added to,
-    `finish` adds it back and applies the feed-forward. Every Linear and LayerNorm is called once per pass,
-    which the per-example Fisher (merging/per_example.py) relies on."""
+    `project` gives the qkv projection and the stream the attention output is added to, `finish` adds it
+    back and applies the feed-forward. Every Linear and LayerNorm is called once per pass, which the
+    per-example Fisher (merging/per_example.py) relies on."""
 
     def __init__(self, cfg: BackboneConfig):
         super().__init__()
@@ -82,21 +82,15 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.hidden)
         self.drop = Dropout(cfg.dropout)
 
-    def attn_input(self, x):  # (..., T, D) -> (the qkv projection's input, the residual stream)
+    def project(self, x):  # (..., T, D) -> (qkv (..., T, 3D), the residual stream the attention adds to)
         if self.norm == "sasrec":
-            # Normalised rows then raw rows through one qkv call: queries are read from the first half,
-            # keys and values from the second (one call keeps the per-example Fisher exact).
+            # Normalised rows then raw rows through one qkv call (one call keeps the per-example Fisher
+            # exact): queries are read from the first half, keys and values from the second.
             r = self.ln1(x)
-            return torch.cat([r, x], dim=-2), r
-        return (self.ln1(x) if self.norm == "pre" else x), x
-
-    def project(self, x):  # (..., T, D) -> (qkv (..., T, 3D), the residual stream)
-        inp, r = self.attn_input(x)
-        qkv = self.attn.qkv(inp)
-        if self.norm == "sasrec":
             T, D = x.shape[-2], x.shape[-1]
-            qkv = torch.cat([qkv[..., :T, :D], qkv[..., T:, D:]], dim=-1)
-        return qkv, r
+            both = self.attn.qkv(torch.cat([r, x], dim=-2))
+            return torch.cat([both[..., :T, :D], both[..., T:, D:]], dim=-1), r
+        return self.attn.qkv(self.ln1(x) if self.norm == "pre" else x), x
 
     def finish(self, r, a):  # r: the residual stream at the query rows, a: the attention output there
         if self.norm == "pre":
@@ -126,7 +120,7 @@ class SeqRecModel(nn.Module):
         self.emb_ln = nn.LayerNorm(D)
         self.emb_drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
-        # Pre-LN leaves the stream unnormalised: one LayerNorm after the last block (no tensors in post).
+        # Pre-LN and the sasrec block end on an unnormalised sum: one LayerNorm after the last block (none in post).
         self.final_ln = nn.LayerNorm(D) if cfg.norm in ("pre", "sasrec") else nn.Identity()
         if cfg.head:
             self.head = nn.Linear(D, D)

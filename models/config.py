@@ -27,7 +27,8 @@ class BackboneConfig:
     max_len: int = 200
     # The defaults below are the first design (BERT-style post-LayerNorm blocks, a projection head
     # before the tied item table), so checkpoints written before these fields existed read as they were
-    # trained. `recmerge train` ships the faster-learning design: pre-LayerNorm, no head, ReLU.
+    # trained. `recmerge train` ships no head and ReLU, and per backbone its block and positions
+    # (models/train.py DESIGN).
     # post: LN after each residual sum | pre: LN before each sub-layer, one final LN | sasrec: the original
     # SASRec code's block (models/backbone.py Block)
     norm: str = "post"

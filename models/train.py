@@ -39,7 +39,8 @@ class TrainConfig:
     options: dict = field(default_factory=dict)  # the recipe's hyper-parameters
     backbone: str = "bert4rec"
     # The backbone's shape. Defaults: the design measured fastest to learn on ml-1m here
-    # (docs/results/accuracy-ml-1m.md): pre-LayerNorm, no output head, feed-forward as wide as hidden.
+    # (docs/results/accuracy-ml-1m.md): no output head, feed-forward as wide as hidden, and per backbone the
+    # block and positions of DESIGN.
     hidden: int = 64
     layers: int = 2
     heads: int = 1

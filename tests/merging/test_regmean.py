@@ -161,7 +161,7 @@ def test_hook_grams_are_the_layer_inputs_recomputed_by_hand(tmp_path):
                 real = tokens[0] != 0
                 pos = torch.arange(cfg.max_len - tokens.shape[1], cfg.max_len)
                 x = model.emb_ln(model.item_emb(tokens) + model.pos_emb(pos)[None])
-                rows.append(model.blocks[0].attn_input(x)[0][0][real])
+                rows.append(x[0][real])  # the post-LN block's qkv reads its input as it is
                 finals.append(model.encode(tokens)[0, -1:])  # the head reads one state per sequence
             x, h = torch.cat(rows).double(), torch.cat(finals).double()
         torch.testing.assert_close(got["blocks.0.attn.qkv.weight"], x.T @ x, rtol=1e-5, atol=1e-6)
