@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 import matplotlib
@@ -46,8 +47,8 @@ def main() -> None:
     out = Path(args.out)
     fig.savefig(out.with_suffix(".png"), dpi=110)
     lines = [f"# {args.title}", "", f"![curves]({out.with_suffix('.png').name})", "",
-             f"Command: `.venv/bin/python bench/curves.py --out {args.out} "
-             + " ".join(f'"{s}"' for s in args.runs) + "`", ""]
+             f"Command: `.venv/bin/python bench/curves.py --out {args.out} --title {shlex.quote(args.title)} "
+             + " ".join(shlex.quote(s) for s in args.runs) + "`", ""]
     for label, pts in runs.items():
         lines += [f"## {label}", "", "| minutes | valid NDCG@10 |", "|---|---|"]
         lines += [f"| {m:.1f} | {v:.4f} |" for m, v in pts]

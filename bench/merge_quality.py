@@ -134,13 +134,15 @@ def ensemble_scorer(paths: list[Path]) -> Callable[[torch.Tensor], torch.Tensor]
 
 # --------------------------------------------------------------------------------------------- plan
 
-def zoo_models(dataset: str, family: str, base_name: str) -> tuple[dict, list[dict]]:
+def zoo_models(dataset: str, family: str, base_name: str, extras: int) -> tuple[dict, list[dict]]:
     manifest = json.loads((ZOO / "manifest.json").read_text())["models"]
     mine = [m for m in manifest if m["dataset"] == dataset]
     base = [m for m in mine if m["name"] == base_name]
     fts = [m for m in mine if m["name"].startswith(f"{family}-ft-")]
-    if not base or not fts:
-        sys.exit(f"zoo has no {base_name} or no {family}-ft-* for {dataset}")
+    # a family may also come wholly from --extra: fine-tunes measured before they earn a place in the zoo
+    if not base or len(fts) + extras < 2:
+        sys.exit(f"zoo has no {base_name} for {dataset}, or fewer than two ingredients "
+                 f"({len(fts)} {family}-ft-* in the zoo, {extras} --extra)")
     return base[0], fts
 
 
@@ -179,7 +181,8 @@ def main() -> None:
         table.drop(name)
     sections = set(args.sections.split(","))
     args.family = args.family or args.backbone
-    base_entry, ft_entries = zoo_models(args.dataset, args.family, args.base or f"{args.family}-base")
+    base_entry, ft_entries = zoo_models(args.dataset, args.family, args.base or f"{args.family}-base",
+                                        len(args.extra))
     base = ROOT / base_entry["file"]
     names = [m["name"].removeprefix(f"{args.family}-ft-") for m in ft_entries]
     paths = {n: ROOT / m["file"] for n, m in zip(names, ft_entries)}

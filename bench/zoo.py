@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import machine  # noqa: E402
 from models.checkpoint import file_sha256, load_model, read_metadata  # noqa: E402
-from models.data import prepare_dataset  # noqa: E402
+from models.data import PreparedDataset, prepare_dataset  # noqa: E402
 from models.evaluate import eval_data, user_ranks  # noqa: E402
 from models.metrics import mean_se, per_user_metrics  # noqa: E402
 
@@ -60,10 +60,13 @@ def load_manifest() -> dict:
 def add(args) -> None:
     src = Path(args.checkpoint)
     meta = read_metadata(src)
+    if not args.data and args.dataset not in SOURCES:
+        sys.exit(f"dataset {args.dataset!r} is none of {', '.join(sorted(SOURCES))}: give its prepared --data")
     with tempfile.TemporaryDirectory() as tmp:
-        ds = prepared(args.dataset, Path(tmp))
+        ds = PreparedDataset.load(args.data) if args.data else prepared(args.dataset, Path(tmp))
         if meta.dataset_fingerprint != ds.fingerprint:
-            sys.exit(f"{src} was not trained on {args.dataset} as prepared from {SOURCES[args.dataset]}")
+            sys.exit(f"{src} was not trained on {args.dataset} as prepared from "
+                     f"{args.data or SOURCES[args.dataset]}")
         metrics = {split: scores(src, ds, split) for split in ("valid", "test")}
     dest_dir = ZOO / args.dataset
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -108,10 +111,10 @@ def compare(args) -> None:
     """Full-ranking NDCG@10 of checkpoints on one dataset, each with its paired difference from the first
     (the same users, so the difference's standard error is far smaller than either model's)."""
     with tempfile.TemporaryDirectory() as tmp:
-        ds = prepared(args.dataset, Path(tmp))
+        ds = PreparedDataset.load(args.data) if args.data else prepared(args.dataset, Path(tmp))
         rows = {split: [per_user_ndcg(Path(c), ds, split) for c in args.checkpoints] for split in ("valid", "test")}
-    lines = [f"Command: `.venv/bin/python bench/zoo.py compare --dataset {args.dataset} "
-             + " ".join(args.checkpoints) + "`", "",
+    where = f"--data {args.data}" if args.data else f"--dataset {args.dataset}"
+    lines = [f"Command: `.venv/bin/python bench/zoo.py compare {where} " + " ".join(args.checkpoints) + "`", "",
              "| checkpoint | validation NDCG@10 | vs first (paired) | test NDCG@10 | vs first (paired) |",
              "|---|---|---|---|---|"]
     for i, c in enumerate(args.checkpoints):
@@ -164,7 +167,9 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("add")
     a.add_argument("checkpoint")
-    a.add_argument("--dataset", required=True, choices=sorted(SOURCES))
+    a.add_argument("--dataset", required=True, help=f"{', '.join(sorted(SOURCES))}, or any name with --data")
+    a.add_argument("--data", help="its prepared directory, for a dataset not under ../shared/data (the zoo test "
+                   "skips such entries' figures where ../shared/data/<dataset> is absent)")
     a.add_argument("--name", required=True)
     a.add_argument("--command", required=True, help="the exact command that trained it")
     a.add_argument("--minutes", type=float, help="training minutes (default: from the log beside it)")
@@ -172,10 +177,12 @@ def main() -> None:
     a.set_defaults(func=add)
     c = sub.add_parser("compare", help="paired NDCG@10 differences of checkpoints from the first")
     c.add_argument("checkpoints", nargs="+")
-    c.add_argument("--dataset", required=True, choices=sorted(SOURCES))
+    where = c.add_mutually_exclusive_group(required=True)
+    where.add_argument("--dataset", choices=sorted(SOURCES))
+    where.add_argument("--data", help="a prepared dataset directory instead (one not in the zoo's list)")
     c.set_defaults(func=compare)
     r = sub.add_parser("report")
-    r.add_argument("--dataset", required=True, choices=sorted(SOURCES))
+    r.add_argument("--dataset", required=True, help="a dataset name of the manifest")
     r.add_argument("--out")
     r.set_defaults(func=report)
     args = ap.parse_args()

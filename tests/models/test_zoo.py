@@ -38,7 +38,7 @@ def datasets(tmp_path_factory):
 @pytest.mark.parametrize("entry", MANIFEST["models"], ids=lambda m: f"{m['dataset']}/{m['name']}")
 def test_manifest_figures_are_what_evaluate_gives(entry, datasets):
     if entry["dataset"] not in datasets:
-        pytest.skip(f"../shared/data/{entry['dataset']} is absent")
+        pytest.skip(f"../shared/data/{entry['dataset']} is absent (how the entry's data is built: its command)")
     ds = datasets[entry["dataset"]]
     model, _ = load_model(ROOT / entry["file"])
     # Test only: the acceptance figure, and each zoo model costs ~10 s of CI per split on ml-1m.
