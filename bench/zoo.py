@@ -38,8 +38,11 @@ SOURCES = {"ml-1m": ROOT.parent / "shared" / "data" / "ml-1m", "ml-100k": ROOT.p
 REPORT_PROTOCOLS = ("full", "random100", "popular100")
 
 
-def prepared(dataset: str, into: Path):
-    return prepare_dataset(str(SOURCES[dataset]), into / dataset)
+def prepared(args, into: Path):
+    """The dataset of a command: its --data directory if given, else prepared afresh from ../shared/data."""
+    if getattr(args, "data", None):
+        return PreparedDataset.load(args.data)
+    return prepare_dataset(str(SOURCES[args.dataset]), into / args.dataset)
 
 
 def scores(path: Path, ds, split: str) -> dict:
@@ -63,7 +66,7 @@ def add(args) -> None:
     if not args.data and args.dataset not in SOURCES:
         sys.exit(f"dataset {args.dataset!r} is none of {', '.join(sorted(SOURCES))}: give its prepared --data")
     with tempfile.TemporaryDirectory() as tmp:
-        ds = PreparedDataset.load(args.data) if args.data else prepared(args.dataset, Path(tmp))
+        ds = prepared(args, Path(tmp))
         if meta.dataset_fingerprint != ds.fingerprint:
             sys.exit(f"{src} was not trained on {args.dataset} as prepared from "
                      f"{args.data or SOURCES[args.dataset]}")
@@ -111,7 +114,7 @@ def compare(args) -> None:
     """Full-ranking NDCG@10 of checkpoints on one dataset, each with its paired difference from the first
     (the same users, so the difference's standard error is far smaller than either model's)."""
     with tempfile.TemporaryDirectory() as tmp:
-        ds = PreparedDataset.load(args.data) if args.data else prepared(args.dataset, Path(tmp))
+        ds = prepared(args, Path(tmp))
         rows = {split: [per_user_ndcg(Path(c), ds, split) for c in args.checkpoints] for split in ("valid", "test")}
     where = f"--data {args.data}" if args.data else f"--dataset {args.dataset}"
     lines = [f"Command: `.venv/bin/python bench/zoo.py compare {where} " + " ".join(args.checkpoints) + "`", "",
