@@ -44,4 +44,8 @@ def test_manifest_figures_are_what_evaluate_gives(entry, datasets):
     # Test only: the acceptance figure, and each zoo model costs ~10 s of CI per split on ml-1m.
     got = evaluate(model, ds, split="test", protocols=("full",))["full"]
     want = {k: v[0] for k, v in entry["metrics"]["test"]["full"].items()}
-    assert got == pytest.approx(want, abs=1e-6), entry["name"]
+    # Another CPU's kernels change scores in their last bits, which can swap a user's near-tied items (seen:
+    # one user's target moved one place, 2e-6 on the mean, an AMD-made entry evaluated on an Intel AMX
+    # machine). Each figure is a mean of per-user values in [0, 1], so allow one user's worth, 1 / users:
+    # the zoo's distinct models differ by at least twice that in some figure (ml-100k's closest pairs).
+    assert got == pytest.approx(want, abs=1 / ds.n_users), entry["name"]
