@@ -33,14 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import machine  # noqa: E402
-from bench.zoo import SOURCES  # noqa: E402
+from bench.zoo import SOURCES, prepared  # noqa: E402
 from core.merge_inputs import merge_inputs  # noqa: E402
 from core.scoring import validation_score  # noqa: E402
 from merging.fisher import MERGE_DEFAULTS, estimate_fisher  # noqa: E402
 from merging.merge import merge_checkpoints  # noqa: E402
 from merging.methods import METHODS  # noqa: E402
 from models.checkpoint import load_model, read_metadata  # noqa: E402
-from models.data import PreparedDataset, prepare_dataset  # noqa: E402
 from models.evaluate import eval_data, user_ranks  # noqa: E402
 from models.metrics import mean_se, per_user_metrics  # noqa: E402
 from models.train import TrainConfig, train  # noqa: E402
@@ -170,18 +169,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="Markdown report")
     args = ap.parse_args()
-    if not args.data and args.dataset not in SOURCES:
-        ap.error(f"dataset {args.dataset!r} is none of {', '.join(sorted(SOURCES))}: give its prepared --data")
     torch.set_num_threads(args.threads)
     work = Path(args.work)
+    ds = prepared(args, work)  # first: a dataset it cannot find is refused before --work is made
     work.mkdir(parents=True, exist_ok=True)
-    data_dir = work / f"data-{args.dataset}"
-    if args.data:
-        ds = PreparedDataset.load(args.data)
-    elif data_dir.exists():
-        ds = PreparedDataset.load(data_dir)
-    else:
-        ds = prepare_dataset(str(SOURCES[args.dataset]), data_dir)
     table = Table(work, ds)
     log = work / "commands.json"
     commands = json.loads(log.read_text()) if log.exists() else []

@@ -39,10 +39,15 @@ REPORT_PROTOCOLS = ("full", "random100", "popular100")
 
 
 def prepared(args, into: Path):
-    """The dataset of a command: its --data directory if given, else prepared afresh from ../shared/data."""
+    """The dataset of a command: its --data directory if given, else ../shared/data/<dataset> prepared into
+    `into`/data-<dataset> (or loaded from there, where an earlier run prepared it). Refuses a dataset name
+    outside SOURCES without --data before anything is written."""
     if getattr(args, "data", None):
         return PreparedDataset.load(args.data)
-    return prepare_dataset(str(SOURCES[args.dataset]), into / args.dataset)
+    if args.dataset not in SOURCES:
+        sys.exit(f"dataset {args.dataset!r} is none of {', '.join(sorted(SOURCES))}: give its prepared --data")
+    out = into / f"data-{args.dataset}"
+    return PreparedDataset.load(out) if out.exists() else prepare_dataset(str(SOURCES[args.dataset]), out)
 
 
 def scores(path: Path, ds, split: str) -> dict:
@@ -63,8 +68,6 @@ def load_manifest() -> dict:
 def add(args) -> None:
     src = Path(args.checkpoint)
     meta = read_metadata(src)
-    if not args.data and args.dataset not in SOURCES:
-        sys.exit(f"dataset {args.dataset!r} is none of {', '.join(sorted(SOURCES))}: give its prepared --data")
     with tempfile.TemporaryDirectory() as tmp:
         ds = prepared(args, Path(tmp))
         if meta.dataset_fingerprint != ds.fingerprint:
