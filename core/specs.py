@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from merging.fisher import FisherSettings
+from models.config import DESIGN, design_help
 
 DEFAULT_FISHER = FisherSettings(sampling="model", n=8)
 
@@ -41,17 +42,19 @@ class TrainSpec(Spec):
     backbone: Literal["bert4rec", "sasrec"] = "bert4rec"
     hidden: int = Field(64, ge=1, le=4096)
     layers: int = Field(2, ge=1, le=48)
-    # Shape and optimisation defaults are `recmerge train`'s (models/train.py TrainConfig).
-    heads: int = Field(1, ge=1, le=64)
-    inner: int = Field(64, ge=1, le=16384)
-    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    # Shape and optimisation defaults are `recmerge train`'s (models/train.py TrainConfig); a design field
+    # left unset (null, or "auto") is the backbone's own, from models/config.py DESIGN.
+    heads: int | None = Field(None, ge=1, le=64, description=f"attention heads; null: {design_help('heads')}")
+    inner: int | None = Field(None, ge=1, le=16384,
+                              description=f"feed-forward width; null: {design_help('inner')}")
+    dropout: float | None = Field(None, ge=0.0, lt=1.0, description=f"null: {design_help('dropout')}")
     norm: Literal["auto", "pre", "post", "sasrec"] = Field(
-        "auto", description="block design; auto: the backbone's shipped one (sasrec: sasrec, bert4rec: pre)")
+        "auto", description=f"block design; auto: the backbone's shipped one ({design_help('norm')})")
     head: bool = Field(False, description="a projection head before the tied item table")
-    activation: Literal["relu", "gelu"] = "relu"
+    activation: Literal["relu", "gelu"] | None = Field(None, description=f"null: {design_help('activation')}")
     positions: Literal["auto", "end", "start"] = Field(
         "auto", description="position embeddings counted back from the last item (end) or from the first "
-        "(start); auto: the backbone's shipped choice (sasrec: start, bert4rec: end)")
+        f"(start); auto: the backbone's shipped choice ({design_help('positions')})")
     max_len: int = Field(200, ge=2, le=4096)
     batch_size: int = Field(32, ge=1, le=65536)
     lr: float = Field(1e-3, gt=0.0, le=1.0)
@@ -65,8 +68,9 @@ class TrainSpec(Spec):
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self):
-        if self.hidden % self.heads:
-            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        heads = self.heads or DESIGN[self.backbone]["heads"]
+        if self.hidden % heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({heads})")
         return self
 
 

@@ -18,7 +18,7 @@ import torch
 from models.backbone import SeqRecModel
 from models.batching import length_batches
 from models.checkpoint import CREATED_BY, CheckpointMeta, check_trained_on, load_checkpoint, save_checkpoint
-from models.config import SHAPE_FIELDS, BackboneConfig
+from models.config import DESIGN, SHAPE_FIELDS, BackboneConfig
 from models.errors import IncompatibleError, RecmergeError
 from models.precision import PRECISIONS, mixed_precision, resolve_precision
 from models.recipes import TrainBatch, recipe_class, recipe_options
@@ -27,10 +27,10 @@ Progress = Callable[[str, float], None]
 
 
 SCHEDULES = ("constant", "cosine")
-# What "auto" means per backbone, each measured in 60-minute runs (docs/results/accuracy-ml-1m.md, session
-# 2026-12-07 10:19): sasrec learns more with the original SASRec block and positions counted from the
-# window's start; bert4rec learned less with positions from the start and keeps its pre-LN block.
-DESIGN = {"sasrec": {"norm": "sasrec", "positions": "start"}, "bert4rec": {"norm": "pre", "positions": "end"}}
+EPOCHS = 200
+# With a wall-clock budget and no epoch count: a bound no run meets before its budget (at least ~1 s
+# per epoch on ml-1m even on a GPU), kept finite so the schedule's step count stays defined.
+EPOCHS_UNDER_BUDGET = 100_000
 
 
 @dataclass
@@ -39,20 +39,22 @@ class TrainConfig:
     options: dict = field(default_factory=dict)  # the recipe's hyper-parameters
     backbone: str = "bert4rec"
     # The backbone's shape. Defaults: the design measured fastest to learn on ml-1m here
-    # (docs/results/accuracy-ml-1m.md): no output head, feed-forward as wide as hidden, and per backbone the
-    # block and positions of DESIGN.
+    # (docs/results/accuracy-ml-1m.md): no output head, and per backbone the fields of DESIGN, which a
+    # field left at None (or "auto") takes once the backbone is known.
     hidden: int = 64
     layers: int = 2
-    heads: int = 1
-    inner: int = 64
-    dropout: float = 0.2
+    heads: int | None = None
+    inner: int | None = None
+    dropout: float | None = None
     max_len: int = 200
-    norm: str = "auto"  # auto: the backbone's entry in DESIGN
+    norm: str | None = None
     head: bool = False
-    activation: str = "relu"
-    positions: str = "auto"  # auto: the backbone's entry in DESIGN
+    activation: str | None = None
+    positions: str | None = None
     # The optimisation.
-    epochs: int = 200
+    # None: 200, or with --max-minutes as many as the budget allows (the budget alone ends the run: a
+    # 60-minute bert4rec on two cores reached 200 epochs after 49 minutes).
+    epochs: int | None = None
     batch_size: int = 32  # more steps per epoch: the popularity plateau lasts a number of steps
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -74,6 +76,14 @@ class TrainConfig:
     resume: bool = False  # continue from the state file beside `out` if there is one
 
     def __post_init__(self):
+        # Resolved first, so that a run's identity (and so --resume) records the design it really trains.
+        if self.backbone not in DESIGN:
+            raise RecmergeError(f"unknown backbone {self.backbone!r}; known: {', '.join(DESIGN)}")
+        for name, value in DESIGN[self.backbone].items():
+            if getattr(self, name) in (None, "auto"):
+                setattr(self, name, value)
+        if self.epochs is None:
+            self.epochs = EPOCHS if self.max_minutes is None else EPOCHS_UNDER_BUDGET
         for name in ("epochs", "batch_size", "hidden", "layers", "heads", "max_len", "eval_every", "inner"):
             if getattr(self, name) < 1:
                 raise RecmergeError(f"{name} must be >= 1 (got {getattr(self, name)})")
@@ -88,10 +98,6 @@ class TrainConfig:
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise RecmergeError(f"max_minutes must be > 0 (got {self.max_minutes})")
         self.betas = tuple(self.betas)
-        # Resolved here, so that a run's identity (and so --resume) records the design it really trains.
-        for name, value in DESIGN.get(self.backbone, {}).items():
-            if getattr(self, name) == "auto":
-                setattr(self, name, value)
 
     @classmethod
     def continuing(cls, backbone: BackboneConfig, init: str, **kw) -> TrainConfig:
@@ -230,7 +236,10 @@ def train(ds, cfg: TrainConfig, out: str | Path, progress: Progress | None = Non
     bar = None
     if show_bar:
         from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=step, unit="batch", dynamic_ncols=True)
+        # Counted in hundredths of the run, by steps or by the budget, whichever is further on: the same
+        # fraction the schedule follows.
+        bar = tqdm(total=100.0, initial=round(100 * step / total_steps, 2), dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}")
     for epoch in range(first_epoch, cfg.epochs + 1):
         model.train()
         recipe.start_epoch(epoch)
@@ -256,12 +265,13 @@ def train(ds, cfg: TrainConfig, out: str | Path, progress: Progress | None = Non
             loss_sum += loss.item() * len(idx)
             for k, v in logs.items():
                 logs_sum[k] = logs_sum.get(k, 0.0) + float(v) * len(idx)
+            done = max(step / total_steps, (time.perf_counter() - t_start) / budget if budget else 0.0)
             if bar is not None:
-                bar.update(1)
+                bar.update(min(100.0, round(100 * done, 2)) - bar.n)
                 bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}",
-                                seq_s=f"{seen / (time.perf_counter() - t0):.0f}")
+                                seq_s=f"{seen / (time.perf_counter() - t0):.0f}", refresh=False)
             if progress:
-                progress("train", ((epoch - 1) + (b + 1) / len(batches)) / cfg.epochs)
+                progress("train", min(1.0, done))
         train_s = time.perf_counter() - t0
         out_of_time = budget is not None and time.perf_counter() - t_start > budget
         last = epoch == cfg.epochs or out_of_time

@@ -259,12 +259,15 @@ def merge_request_schemas() -> tuple[dict, dict]:
 # --- train jobs -----------------------------------------------------------------------------------
 def train_request_schema() -> dict:
     from core.specs import TrainSpec
+    from models.config import design_help
     from models.recipes import RECIPES
 
     base = inline(TrainSpec.model_json_schema())
-    props = {k: _without_null(v) if k not in ("init_model_id", "name", "max_minutes") else v
-             for k, v in base["properties"].items()}
-    props["heads"] = {**props["heads"], "description": "attention heads; must divide hidden"}
+    # null: no start model / name / budget, or for a design field the backbone's own value
+    nullable = ("init_model_id", "name", "max_minutes", "heads", "inner", "dropout", "activation")
+    props = {k: _without_null(v) if k not in nullable else v for k, v in base["properties"].items()}
+    props["heads"] = {**props["heads"], "description": f"attention heads; must divide hidden; null: "
+                      f"{design_help('heads')}"}
     props["hidden"] = {**props["hidden"], "description": "hidden size; a multiple of heads"}
     default = base["properties"]["recipe"]["default"]
     props["recipe"] = {"type": "string", "enum": list(RECIPES), "default": default}

@@ -63,11 +63,13 @@ def register(sub) -> None:
     p.add_argument("--backbone", choices=["bert4rec", "sasrec"],
                    help="default: bert4rec, or the --init checkpoint's")
     shape = p.add_argument_group("backbone shape (default: TrainConfig's, or the --init checkpoint's)")
+    from models.config import DESIGN, design_help
     for flag, typ in _SHAPE_FLAGS.items():
-        shape.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, default=None,
-                           help=f"default {getattr(_DEFAULTS, flag)}")
+        default = design_help(flag) if flag in DESIGN["sasrec"] else getattr(_DEFAULTS, flag)
+        shape.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, default=None, help=f"default {default}")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=int, default=_DEFAULTS.epochs)
+    o.add_argument("--epochs", type=int, default=None,
+                   help="default: 200, or with --max-minutes as many as the budget allows")
     o.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size)
     o.add_argument("--lr", type=float, default=_DEFAULTS.lr)
     o.add_argument("--weight-decay", type=float, default=_DEFAULTS.weight_decay)

@@ -121,9 +121,21 @@ def test_auto_design_is_each_backbones_own_and_explicit_fields_win(backbone):
     from models.train import DESIGN, backbone_config
 
     cfg = TrainConfig(backbone=backbone)
-    assert (cfg.norm, cfg.positions) == (DESIGN[backbone]["norm"], DESIGN[backbone]["positions"])
-    assert backbone_config(cfg, 10).norm == DESIGN[backbone]["norm"]
-    other = TrainConfig(backbone=backbone, norm="post", positions="start")
-    assert (other.norm, other.positions) == ("post", "start")
-    # the two backbones' shipped designs differ, so "auto" is resolved per backbone, not once
+    bb = backbone_config(cfg, 10)
+    for name, value in DESIGN[backbone].items():
+        assert getattr(cfg, name) == getattr(bb, name) == value, name
+    explicit = {"norm": "pre", "positions": "start", "heads": 4, "inner": 32, "dropout": 0.3, "activation": "relu"}
+    assert set(explicit) == set(DESIGN[backbone])  # every design field is tried
+    other = TrainConfig(backbone=backbone, **explicit)
+    assert {k: getattr(other, k) for k in explicit} == explicit
+    assert TrainConfig(backbone=backbone, norm="auto").norm == DESIGN[backbone]["norm"]
+    # the two backbones' shipped designs differ, so unset fields are resolved per backbone, not once
     assert DESIGN["sasrec"] != DESIGN["bert4rec"]
+
+
+def test_epochs_default_to_200_or_to_the_budget_alone():
+    assert TrainConfig().epochs == 200
+    assert TrainConfig(max_minutes=5).epochs > 10_000  # the budget, not an epoch count, ends the run
+    assert TrainConfig(max_minutes=5, epochs=3).epochs == 3
+    with pytest.raises(RecmergeError, match="unknown backbone 'gru'"):
+        TrainConfig(backbone="gru")
