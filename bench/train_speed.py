@@ -3,7 +3,8 @@
 "before" is the trainer as it was until this benchmark was rewritten: the post-LayerNorm backbone with its
 output head (BackboneConfig's defaults: 2 heads, feed-forward 256, GELU), AdamW with weight decay 0.01,
 and cross-entropy on the full (positions x items) logit matrix. "now" is what `recmerge train` ships
-(TrainConfig's defaults: pre-LayerNorm, no head, feed-forward = hidden, ReLU, chunked cross-entropy).
+(TrainConfig's defaults: no head, chunked cross-entropy, each backbone's block from models/config.py DESIGN);
+"narrow" is "now" with the pre-LayerNorm narrow block both backbones shipped before they got their own.
 "torch-kernels" is "now" with the kernels it had before 2026-12-07: torch's own dropout and, for the
 sampled softmax, the (positions x negatives) logits written out with an (M, k) accidental-hit compare —
 what models/dropout.py and the chunked sampled cross-entropy replaced. (Since then "before" also runs on
@@ -55,7 +56,11 @@ def torch_sampled_ce(model: SeqRecModel, z: torch.Tensor, labels: torch.Tensor, 
     return F.cross_entropy(torch.cat([own[:, None], negs], dim=1), torch.zeros_like(labels))
 
 
-TRAINERS = ("before", "torch-kernels", "now-fp32", "now")
+TRAINERS = ("before", "torch-kernels", "now-fp32", "narrow", "now")
+# "narrow": "now" with the pre-LayerNorm narrow block (one head, feed-forward = hidden, ReLU, dropout 0.2) that
+# bert4rec shipped until 2026-12-07 18:30 and sasrec until 12:50, before each got its own block
+# (models/config.py DESIGN).
+NARROW = {"norm": "pre", "heads": 1, "inner": None, "activation": "relu", "dropout": 0.2}
 
 
 class Trainer:
@@ -71,12 +76,14 @@ class Trainer:
                                                     hidden=shape.get("hidden", 64)))
             self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.01)
         else:
-            cfg = TrainConfig(backbone=kind, max_len=max_len, **shape)
+            design = {**NARROW, "inner": shape.get("hidden", TrainConfig.hidden)} if which == "narrow" else {}
+            cfg = TrainConfig(backbone=kind, max_len=max_len, **{**design, **shape})
             self.model = SeqRecModel(backbone_config(cfg, n_items))
             self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.betas,
                                          weight_decay=cfg.weight_decay)
-        # Only "now" runs at the shipped precision; every other trainer is float32 throughout.
-        self.low = resolve_precision(TrainConfig.precision, torch.device("cpu")) if which == "now" else None
+        # Only "now" and "narrow" run at the shipped precision; every other trainer is float32 throughout.
+        self.low = resolve_precision(TrainConfig.precision, torch.device("cpu")) if which in ("now", "narrow") \
+            else None
         if which == "torch-kernels":
             for module in list(self.model.modules()):
                 for name, child in list(module.named_children()):
@@ -86,7 +93,7 @@ class Trainer:
         self.model.train()
 
     def loss(self, batch: TrainBatch) -> torch.Tensor:
-        if self.which in ("now", "now-fp32") or (self.which == "torch-kernels" and not self.model.causal):
+        if self.which in ("now", "now-fp32", "narrow") or (self.which == "torch-kernels" and not self.model.causal):
             with mixed_precision(self.model, self.low):
                 return self.recipe.loss(self.model, batch)[0]
         if self.which == "torch-kernels":  # sasrec: the shipped sampled loss, computed the old way

@@ -20,7 +20,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 def fast_bf16(device: torch.device) -> bool:
     """Whether bfloat16 products are measured to pay on this device: AMX on CPU, bf16 support on CUDA.
-    AVX512-BF16 without AMX (e.g. AMD Zen 4) was never measured here, so it keeps float32."""
+    AVX512-BF16 without AMX (an AMD EPYC, Zen 4, 2026-12-07): the products alone ran 2.4-2.9x faster on
+    one core, but a whole training step only 1.07x (bert4rec) and 1.11x (sasrec) on two, so it keeps
+    float32 (docs/results/accuracy-ml-1m.md)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":

@@ -233,11 +233,14 @@ def train(ds, cfg: TrainConfig, out: str | Path, progress: Progress | None = Non
 
     budget = 60 * cfg.max_minutes if cfg.max_minutes else None
     t_start = time.perf_counter() - spent
+
+    def fraction() -> float:  # how far through the run: by steps, or by the budget if that is further on
+        return max(step / total_steps, (time.perf_counter() - t_start) / budget if budget else 0.0)
+
     bar = None
     if show_bar:
         from tqdm import tqdm
-        # Counted in hundredths of the run, by steps or by the budget, whichever is further on: the same
-        # fraction the schedule follows.
+        # In hundredths of the run: the fraction the schedule follows.
         bar = tqdm(total=100.0, initial=round(100 * step / total_steps, 2), dynamic_ncols=True,
                    bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}")
     for epoch in range(first_epoch, cfg.epochs + 1):
@@ -245,11 +248,9 @@ def train(ds, cfg: TrainConfig, out: str | Path, progress: Progress | None = Non
         recipe.start_epoch(epoch)
         batches = length_batches(lengths, cfg.batch_size, rng)
         t0, seen, loss_sum, logs_sum = time.perf_counter(), 0, 0.0, {}
-        for b, idx in enumerate(batches):
-            elapsed = time.perf_counter() - t_start
-            frac = max(step / total_steps, elapsed / budget if budget else 0.0)
+        for idx in batches:
             for g in opt.param_groups:
-                g["lr"] = cfg.lr * lr_factor(cfg, step, frac)
+                g["lr"] = cfg.lr * lr_factor(cfg, step, fraction())
             batch = TrainBatch([samples[i] for i in idx], idx, rng)
             with mixed_precision(model, low):
                 loss, logs = recipe.loss(model, batch)
@@ -265,7 +266,7 @@ def train(ds, cfg: TrainConfig, out: str | Path, progress: Progress | None = Non
             loss_sum += loss.item() * len(idx)
             for k, v in logs.items():
                 logs_sum[k] = logs_sum.get(k, 0.0) + float(v) * len(idx)
-            done = max(step / total_steps, (time.perf_counter() - t_start) / budget if budget else 0.0)
+            done = fraction()
             if bar is not None:
                 bar.update(min(100.0, round(100 * done, 2)) - bar.n)
                 bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}",
