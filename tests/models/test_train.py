@@ -133,6 +133,16 @@ def test_auto_design_is_each_backbones_own_and_explicit_fields_win(backbone):
     assert DESIGN["sasrec"] != DESIGN["bert4rec"]
 
 
+def test_train_spec_checks_heads_against_the_backbones_own_default():
+    from core.specs import TrainSpec
+    from models.config import DESIGN
+
+    assert DESIGN["sasrec"]["heads"] == 1 and DESIGN["bert4rec"]["heads"] == 2
+    assert TrainSpec(dataset_id="d", backbone="sasrec", hidden=31).heads is None  # unset: 1 head divides 31
+    with pytest.raises(ValueError, match=r"hidden \(31\) must be divisible by heads \(2\)"):
+        TrainSpec(dataset_id="d", backbone="bert4rec", hidden=31)
+
+
 def test_epochs_default_to_200_or_to_the_budget_alone():
     assert TrainConfig().epochs == 200
     assert TrainConfig(max_minutes=5).epochs > 10_000  # the budget, not an epoch count, ends the run

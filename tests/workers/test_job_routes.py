@@ -56,6 +56,8 @@ def _post(svc, path, body, status, message=None, **kw):
     ({"dataset_id": "{d1}", "options": {"nope": 1}}, 422, "nope: not an option of this recipe"),
     ({"dataset_id": "{d1}", "epochs": 0}, 422, "epochs"),
     ({"dataset_id": "{d1}", "hidden": 30, "heads": 4}, 422, "hidden (30) must be divisible by heads (4)"),
+    # heads left unset: bert4rec's own (models/config.py DESIGN), checked before anything is queued
+    ({"dataset_id": "{d1}", "hidden": 31}, 422, "hidden (31) must be divisible by heads (2)"),
     ({"dataset_id": "{d1}", "init_model_id": "nope"}, 404, "init_model_id: model 'nope' not found"),
     ({"dataset_id": "{d1}", "init_model_id": "{other}", "hidden": 16, "layers": 1, "inner": 32, "max_len": 20},
      409, "was trained on dataset"),  # both exist; they do not fit together
