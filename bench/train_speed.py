@@ -60,7 +60,7 @@ TRAINERS = ("before", "torch-kernels", "now-fp32", "narrow", "now")
 # "narrow": "now" with the pre-LayerNorm narrow block (one head, feed-forward = hidden, ReLU, dropout 0.2) that
 # bert4rec shipped until 2026-12-07 18:30 and sasrec until 12:50, before each got its own block
 # (models/config.py DESIGN).
-NARROW = {"norm": "pre", "heads": 1, "inner": None, "activation": "relu", "dropout": 0.2}
+NARROW = {"norm": "pre", "heads": 1, "activation": "relu", "dropout": 0.2}  # and inner = hidden
 
 
 class Trainer:

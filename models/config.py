@@ -24,6 +24,8 @@ DESIGN = {
                  "activation": "gelu"},
 }
 
+DESIGN_FIELDS = tuple(DESIGN["sasrec"])  # every backbone's entry names the same fields
+
 
 def design_help(name: str) -> str:
     """'sasrec 1, bert4rec 2': what an unset design field becomes, for help texts and API docs."""

@@ -63,9 +63,9 @@ def register(sub) -> None:
     p.add_argument("--backbone", choices=["bert4rec", "sasrec"],
                    help="default: bert4rec, or the --init checkpoint's")
     shape = p.add_argument_group("backbone shape (default: TrainConfig's, or the --init checkpoint's)")
-    from models.config import DESIGN, design_help
+    from models.config import DESIGN_FIELDS, design_help
     for flag, typ in _SHAPE_FLAGS.items():
-        default = design_help(flag) if flag in DESIGN["sasrec"] else getattr(_DEFAULTS, flag)
+        default = design_help(flag) if flag in DESIGN_FIELDS else getattr(_DEFAULTS, flag)
         shape.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, default=None, help=f"default {default}")
     o = p.add_argument_group("optimisation")
     o.add_argument("--epochs", type=int, default=None,

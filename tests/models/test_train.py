@@ -125,7 +125,9 @@ def test_auto_design_is_each_backbones_own_and_explicit_fields_win(backbone):
     for name, value in DESIGN[backbone].items():
         assert getattr(cfg, name) == getattr(bb, name) == value, name
     explicit = {"norm": "pre", "positions": "start", "heads": 4, "inner": 32, "dropout": 0.3, "activation": "relu"}
-    assert set(explicit) == set(DESIGN[backbone])  # every design field is tried
+    from models.config import DESIGN_FIELDS
+
+    assert set(explicit) == set(DESIGN[backbone]) == set(DESIGN_FIELDS)  # every design field is tried
     other = TrainConfig(backbone=backbone, **explicit)
     assert {k: getattr(other, k) for k in explicit} == explicit
     assert TrainConfig(backbone=backbone, norm="auto").norm == DESIGN[backbone]["norm"]
