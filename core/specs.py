@@ -32,11 +32,17 @@ class PrepareSpec(Spec):
     min_item: int = Field(0, ge=0)
 
 
+# A train job's epochs when the request names none: a short run, unless it gives max_minutes, which then
+# alone ends the run, as `recmerge train --max-minutes` does without --epochs.
+JOB_EPOCHS = 20
+
+
 class TrainSpec(Spec):
     dataset_id: str
     recipe: str = "bert4rec"
     options: dict = Field(default_factory=dict, description="the recipe's hyper-parameters")
-    epochs: int = Field(20, ge=1, le=1000)
+    epochs: int | None = Field(None, ge=1, le=1000, description=f"null: {JOB_EPOCHS}, or, with max_minutes, "
+                               "as many as the budget allows")
     init_model_id: str | None = Field(None, description="start from this model (the fine-tune setting)")
     name: str | None = None
     backbone: Literal["bert4rec", "sasrec"] = "bert4rec"
@@ -65,6 +71,13 @@ class TrainSpec(Spec):
         "auto", description="the products in bfloat16 (bf16) or float32 (fp32); auto: bf16 where the worker's "
         "hardware makes it fast (CPUs with AMX, CUDA)")
     evaluate_test: bool = Field(True, description="also score the finished model on the test split")
+
+    @property
+    def run_epochs(self) -> int | None:
+        """The epochs to give TrainConfig: None lets the time budget alone end the run."""
+        if self.epochs is not None:
+            return self.epochs
+        return None if self.max_minutes else JOB_EPOCHS
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self):

@@ -116,7 +116,7 @@ def train(a: Attempt) -> Record:
         bb = read_metadata(init).backbone
         shape |= {k: getattr(bb, "kind" if k == "backbone" else k) for k in SHAPE_FIELDS
                   if k not in spec.model_fields_set}
-    cfg = TrainConfig(recipe=spec.recipe, options=spec.options, **shape, epochs=spec.epochs,
+    cfg = TrainConfig(recipe=spec.recipe, options=spec.options, **shape, epochs=spec.run_epochs,
                       batch_size=spec.batch_size, lr=spec.lr, patience=spec.patience, seed=spec.seed,
                       init=str(init) if init else None,
                       device=a.res.device, max_minutes=spec.max_minutes, precision=spec.precision)

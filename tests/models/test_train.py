@@ -145,6 +145,17 @@ def test_train_spec_checks_heads_against_the_backbones_own_default():
         TrainSpec(dataset_id="d", backbone="bert4rec", hidden=31)
 
 
+def test_a_train_job_without_epochs_runs_20_or_as_long_as_its_budget_allows():
+    from core.specs import TrainSpec
+
+    assert TrainSpec(dataset_id="d").run_epochs == 20
+    budget_only = TrainSpec(dataset_id="d", max_minutes=5).run_epochs
+    assert budget_only is None and TrainConfig(epochs=budget_only, max_minutes=5).epochs > 10_000
+    assert TrainSpec(dataset_id="d", max_minutes=5, epochs=3).run_epochs == 3
+    with pytest.raises(ValueError, match="epochs"):
+        TrainSpec(dataset_id="d", epochs=0)
+
+
 def test_epochs_default_to_200_or_to_the_budget_alone():
     assert TrainConfig().epochs == 200
     assert TrainConfig(max_minutes=5).epochs > 10_000  # the budget, not an epoch count, ends the run
