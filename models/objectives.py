@@ -58,7 +58,7 @@ def masked_ce(model: SeqRecModel, batch: MaskedBatch, h: torch.Tensor | None = N
         h = model.encode(batch.tokens)  # (B, T, D)
     rows, cols = batch.positions.unbind(1)
     # index_select's backward is an index_add, 4x faster on CPU than advanced indexing's accumulating
-    # index_put (1.2 ms against 0.3 ms for a (32, 130, 64) batch); the rows come out the same.
+    # index_put (0.3 ms against 1.2 ms for a (32, 130, 64) batch); the rows come out the same.
     z = model.project(h.reshape(-1, h.shape[-1]).index_select(0, rows * h.shape[1] + cols))
     if negatives is None or negatives >= model.cfg.n_items:
         return model.item_loss(z, batch.labels), h
