@@ -44,8 +44,8 @@ def _times(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 def keep_scale(shape: torch.Size, threshold: int, scale: float) -> torch.Tensor:
     """A float32 tensor: 0 with probability threshold / 2^16, else `scale`; from a PCG64 stream seeded by
-    torch's generator. The bit generator's raw 64-bit words are read as four 16-bit draws each, which
-    skips the Generator's byte-string copy (a third of the mask's cost)."""
+    torch's generator. The bit generator's raw 64-bit words read as four 16-bit draws each are the bits
+    `Generator.bytes` returns for the same seed, without its byte-string copy (a third of the mask's cost)."""
     seed = int(torch.randint(0, 2**62, ()))  # advances torch's generator: the mask follows its state
     n = int(np.prod(shape))
     bits = np.random.PCG64(seed).random_raw(-(-n // 4)).view(np.uint16)[:n]

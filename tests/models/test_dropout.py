@@ -56,3 +56,18 @@ def test_a_bfloat16_input_stays_bfloat16_and_keeps_its_values_times_the_scale_ro
     assert torch.equal(y[kept], (x.detach().float()[kept] * d.scale).to(torch.bfloat16))
     (g,) = torch.autograd.grad(y.float().sum(), x)
     assert g.dtype == torch.bfloat16 and torch.equal(g != 0, kept)
+
+
+def test_the_mask_is_the_one_numpys_byte_stream_gives_for_the_seed_torch_draws():
+    # The raw words read as 16-bit draws are Generator.bytes' bits: a seeded run's masks did not change
+    # when the byte-string copy was dropped.
+    import numpy as np
+
+    from models.dropout import keep_scale
+
+    torch.manual_seed(5)
+    seed = int(torch.randint(0, 2**62, ()))
+    bits = np.frombuffer(np.random.Generator(np.random.PCG64(seed)).bytes(2 * 1001), dtype=np.uint16)
+    torch.manual_seed(5)
+    keep = keep_scale(torch.Size([7, 143]), 13107, 1.25)
+    assert torch.equal(keep.reshape(-1) == 0, torch.from_numpy(bits < 13107))
