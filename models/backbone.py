@@ -101,7 +101,7 @@ class Block(nn.Module):
         if self.norm == "sasrec":
             # Queries from the normalised rows, keys and values from the raw ones.
             r = self.ln1(x)
-            T, D = x.shape[-2], x.shape[-1]
+            D = x.shape[-1]
             qkv = self.attn.qkv
             if not _observed(qkv):
                 # Each slice of the weight on the rows it serves: a third of the product and no stacked
@@ -110,6 +110,7 @@ class Block(nn.Module):
                                   F.linear(x, qkv.weight[D:], qkv.bias[D:])], dim=-1), r
             # Watched (the per-example Fisher's and RegMean's hooks read each Linear's input and output
             # once per pass): normalised rows then raw rows through one call, read back from each half.
+            T = x.shape[-2]
             both = qkv(torch.cat([r, x], dim=-2))
             return torch.cat([both[..., :T, :D], both[..., T:, D:]], dim=-1), r
         return self.attn.qkv(self.ln1(x) if self.norm == "pre" else x), x
