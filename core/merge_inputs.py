@@ -20,9 +20,12 @@ import torch
 from torch import nn
 
 
-def sample_users(ds, users: int | None, seed: int) -> list[int]:
-    """A seeded sample of `users` users that have a validation target (all of them for None), in index order."""
+def sample_users(ds, users: int | None, seed: int, pool=None) -> list[int]:
+    """A seeded sample of `users` users that have a validation target (all of them for None), in index order;
+    drawn from `pool` (internal indices) when given."""
     eligible = np.flatnonzero(ds.lengths >= 3)
+    if pool is not None:
+        eligible = np.intersect1d(eligible, np.asarray(pool, dtype=np.int64))
     if users is not None and users < len(eligible):
         eligible = np.sort(np.random.default_rng(seed).choice(eligible, size=users, replace=False))
     return [int(u) for u in eligible]
@@ -40,14 +43,15 @@ def _validation_batches(ds, users: list[int], max_len: int, batch_size: int):
     return out
 
 
-def gram_function(ds, backbone, users: int | None = 1000, seed: int = 0, device=None, batch_size: int = 128):
+def gram_function(ds, backbone, users: int | None = 1000, seed: int = 0, device=None, batch_size: int = 128,
+                  pool=None):
     """grams(state_dict) -> {"<module>.weight": XᵀX (in × in, float64)} for every nn.Linear of the model."""
     from models.backbone import SeqRecModel
     from models.train import resolve_device
 
     device = resolve_device(device)
     model = SeqRecModel(backbone).to(device).eval()
-    batches = _validation_batches(ds, sample_users(ds, users, seed), backbone.max_len, batch_size)
+    batches = _validation_batches(ds, sample_users(ds, users, seed, pool), backbone.max_len, batch_size)
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
     def grams(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -93,7 +97,7 @@ class _NextItem(nn.Module):
 
 
 def objective_function(ds, backbone, kind: str = "cross-entropy", users: int | None = 256, seed: int = 0,
-                       device=None, batch_size: int = 128):
+                       device=None, batch_size: int = 128, pool=None):
     """objective(params) -> 0-d tensor, differentiable in `params` (the backbone's state-dict names)."""
     from torch.func import functional_call
 
@@ -105,7 +109,7 @@ def objective_function(ds, backbone, kind: str = "cross-entropy", users: int | N
     device = resolve_device(device)
     net = _NextItem(SeqRecModel(backbone).to(device).eval())  # eval: no dropout, the objective is deterministic
     batches = [(h.to(device), t.to(device)) for h, t in
-               _validation_batches(ds, sample_users(ds, users, seed), backbone.max_len, batch_size)]
+               _validation_batches(ds, sample_users(ds, users, seed, pool), backbone.max_len, batch_size)]
     n = sum(len(t) for _, t in batches)
 
     def objective(params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -123,9 +127,10 @@ def objective_function(ds, backbone, kind: str = "cross-entropy", users: int | N
     return objective
 
 
-def merge_inputs(method: str, options: dict | None, ds, backbone, device=None) -> dict:
+def merge_inputs(method: str, options: dict | None, ds, backbone, device=None, pool=None) -> dict:
     """The keyword arguments `merge_checkpoints` needs for `method` beside its options: score, grams or
-    objective (nothing for methods that read no data)."""
+    objective (nothing for methods that read no data). `pool` (internal user indices) restricts every data
+    function to those users' validation items: a method fitted on one part is then judged on the rest."""
     from core.scoring import validation_score
     from merging.methods import get_method
 
@@ -133,10 +138,22 @@ def merge_inputs(method: str, options: dict | None, ds, backbone, device=None) -
     opts = cls.Options.model_validate(options or {})
     out = {}
     if cls.needs_score:
-        out["score"] = validation_score(ds, backbone, device)
+        out["score"] = validation_score(ds, backbone, device, users=pool)
     if cls.needs_grams:
-        out["grams"] = gram_function(ds, backbone, users=opts.users, seed=opts.seed, device=device)
+        out["grams"] = gram_function(ds, backbone, users=opts.users, seed=opts.seed, device=device, pool=pool)
     if cls.needs_objective:
         out["objective"] = objective_function(ds, backbone, kind=opts.objective, users=opts.users, seed=opts.seed,
-                                              device=device)
+                                              device=device, pool=pool)
     return out
+
+
+def fits_validation_targets(method: str, options: dict | None) -> bool:
+    """Whether `method` with these options chooses anything by the validation items themselves (a score,
+    or the cross-entropy objective): its validation figure is then in-sample and flatters it against a
+    method that reads no targets. RegMean's Gram matrices and the entropy objective read inputs only."""
+    from merging.methods import get_method
+
+    cls = get_method(method)
+    if cls.needs_score:
+        return True
+    return cls.needs_objective and cls.Options.model_validate(options or {}).objective == "cross-entropy"

@@ -95,6 +95,20 @@ def eval_data(ds, split: str = "test") -> EvalData:
                     users=np.asarray(users, dtype=np.int64), cache_key=(ds.fingerprint, split))
 
 
+def restrict(data: EvalData, users: Sequence[int]) -> EvalData:
+    """The rows of `data` whose user (internal index) is in `users`, in data's order: a part of a split that
+    a caller fits on or selects on. Sampled protocols draw their own lists for the part (no cache key), so
+    only `full` and `top-popular100` ranks equal the same rows' ranks in the whole split."""
+    wanted = np.unique(np.asarray(users, dtype=np.int64))
+    rows = np.flatnonzero(np.isin(data.users, wanted))
+    if len(rows) != len(wanted):
+        missing = np.setdiff1d(wanted, data.users)
+        raise DataError(f"{len(missing)} of the {len(wanted)} users asked for have no row in this split "
+                        f"(first: {int(missing[0])})")
+    return EvalData([data.inputs[i] for i in rows], data.targets[rows], [data.touched[i] for i in rows],
+                    data.popularity, data.n_items, users=data.users[rows])
+
+
 def check_protocols(protocols: Sequence[str]) -> tuple[str, ...]:
     protocols = tuple(protocols)
     unknown = [p for p in protocols if p not in PROTOCOLS]

@@ -83,3 +83,19 @@ def load_state(path: Path, *, model: torch.nn.Module, extra_params: list[torch.T
     rng.bit_generator.state = json.loads(meta["numpy_rng"])
     best = {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")} or None
     return json.loads(meta["info"]), best
+
+
+def weights_of(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The model weights a training state holds after its last finished epoch, and its info (epoch, step,
+    history ...): a point of a run that later runs can start from. The optimiser's moments are not read."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise CheckpointError(f"{path}: not a recmerge training state (format {meta.get('format')!r})")
+            weights = {k[len("model/"):]: f.get_tensor(k) for k in f.keys() if k.startswith("model/")}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable training state ({e})") from None
+    if not weights:
+        raise CheckpointError(f"{path}: the training state holds no model weights")
+    return weights, json.loads(meta["info"])

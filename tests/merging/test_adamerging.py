@@ -133,3 +133,42 @@ def test_dataset_objectives_are_the_models_own_scores_and_differentiable(tmp_pat
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         got.backward()
         assert params["blocks.0.ffn.fc1.weight"].grad.abs().sum() > 0
+
+
+def test_a_pool_restricts_the_objective_and_the_sample_to_its_users(tmp_path):
+    from core.merge_inputs import merge_inputs, objective_function, sample_users
+    from models.backbone import SeqRecModel
+    from models.batching import pad_left
+    from models.config import BackboneConfig
+    from tests.synthetic import make_planted_dataset
+
+    ds = make_planted_dataset(tmp_path, n_users=30, n_items=20, seed=5)
+    cfg = BackboneConfig(n_items=ds.n_items, hidden=8, layers=1, heads=2, inner=12, max_len=9, kind="sasrec")
+    torch.manual_seed(2)
+    state = SeqRecModel(cfg).eval().state_dict()
+    pool = list(range(1, 30, 2))
+    drawn = sample_users(ds, 6, 1, pool=pool)
+    assert len(drawn) == 6 and set(drawn) <= set(pool) and drawn == sorted(drawn)
+    assert sample_users(ds, None, 1, pool=pool) == pool  # every user of this dataset has a validation item
+
+    model = SeqRecModel(cfg).eval()
+    model.load_state_dict(state)
+    with torch.no_grad():
+        scores = model.next_item_scores(pad_left([ds.split(u, "valid")[0][-cfg.max_len:] for u in pool]))
+    want = torch.nn.functional.cross_entropy(scores, torch.tensor([ds.split(u, "valid")[1] - 1 for u in pool]))
+    got = objective_function(ds, cfg, users=None, pool=pool)(state)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    via = merge_inputs("adamerging", {"users": 100}, ds, cfg, device="cpu", pool=pool)["objective"](state)
+    torch.testing.assert_close(via, want, rtol=1e-5, atol=1e-6)  # 100 > the pool: all of the pool
+    assert not torch.allclose(objective_function(ds, cfg, users=None)(state), want)
+
+
+@pytest.mark.parametrize("method, options, fits", [
+    ("weight-search", {}, True), ("greedy-soup", {}, True), ("adamerging", {}, True),
+    ("adamerging", {"objective": "entropy"}, False), ("regmean", {}, False), ("uniform", {}, False),
+    ("fisher", {}, False),
+])
+def test_which_methods_fit_on_the_validation_targets(method, options, fits):
+    from core.merge_inputs import fits_validation_targets
+
+    assert fits_validation_targets(method, options) is fits

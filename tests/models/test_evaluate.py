@@ -272,6 +272,39 @@ def test_evaluate_runs_a_model_and_per_user_ndcg_agrees(planted):
     assert per_user.mean() == pytest.approx(result["full"]["ndcg@10"])
 
 
+def test_restricted_split_keeps_those_users_rows_and_their_full_ranks(planted):
+    from models.evaluate import eval_data, restrict
+
+    data = eval_data(planted, "valid")
+    users = [40, 3, 77, 3]  # any order, a repeat: the part holds each once, in the split's order
+    part = restrict(data, users)
+    np.testing.assert_array_equal(part.users, [3, 40, 77])
+    for row, u in enumerate(part.users):
+        assert np.array_equal(part.inputs[row], data.inputs[u]) and part.targets[row] == data.targets[u]
+    model = tiny_model(planted.n_items)
+    whole = user_ranks(model, data, ("full", "top-popular100"))
+    got = user_ranks(model, part, ("full", "top-popular100"))
+    for p in got:
+        np.testing.assert_array_equal(got[p], whole[p][[3, 40, 77]])
+    with pytest.raises(DataError, match="1 of the 2 users asked for have no row.*first: 500"):
+        restrict(data, [5, 500])
+    with pytest.raises(DataError, match="no users"):
+        restrict(data, [])
+
+
+def test_validation_score_on_some_users_is_their_mean_ndcg(planted):
+    from core.scoring import validation_score
+    from models.evaluate import per_user_ndcg
+
+    model = tiny_model(planted.n_items).eval()
+    per_user = per_user_ndcg(model, planted, split="valid")
+    users = np.arange(0, planted.n_users, 3)
+    score = validation_score(planted, model.cfg, device="cpu", users=users)
+    assert score(model.state_dict()) == pytest.approx(per_user[users].mean())
+    assert validation_score(planted, model.cfg, device="cpu")(model.state_dict()) == pytest.approx(per_user.mean())
+    assert per_user[users].mean() != pytest.approx(per_user.mean())  # the part is not the whole here
+
+
 def test_uniformity_and_alignment_by_hand():
     from models.representation import alignment, uniformity
 

@@ -79,3 +79,37 @@ def test_schedule_warms_up_then_decays_to_its_floor():
     assert lr_factor(const, 5, 0.9) == 1.0
     with pytest.raises(RecmergeError, match="schedule must be one of"):
         TrainConfig(schedule="linear")
+
+
+def test_a_state_becomes_a_checkpoint_later_runs_start_from(planted, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from bench.spawn_point import spawn_point
+    from models.checkpoint import load_model, read_metadata
+    from models.errors import CheckpointError
+    from models.train_state import weights_of
+
+    out = tmp_path / "trunk.safetensors"
+    with pytest.raises(Interrupt):
+        train(planted, TrainConfig(backbone="sasrec", **SMALL), out, progress=_stop_after(2, 4))
+    weights, info = weights_of(state_path(out))
+    assert info["epoch"] == 2 and len(info["history"]) == 2
+    like = train(planted, TrainConfig(backbone="sasrec", **{**SMALL, "epochs": 1}), tmp_path / "like.safetensors")
+    spawn = spawn_point(state_path(out), like.checkpoint, tmp_path / "spawn.safetensors")
+    assert spawn["epoch"] == 2 and spawn["valid_ndcg@10"] == info["history"][-1]["valid_ndcg@10"]
+    model, meta = load_model(tmp_path / "spawn.safetensors")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k])
+    assert meta.backbone == read_metadata(like.checkpoint).backbone
+    # the spawn point is the interrupted run's epoch 2: resuming it for epochs 3-4 starts from these weights
+    assert not all(torch.equal(v, load_model(like.checkpoint)[0].state_dict()[k]) for k, v in weights.items())
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "plain.safetensors"), metadata={"format": "other"})
+    with pytest.raises(CheckpointError, match="not a recmerge training state"):
+        weights_of(tmp_path / "plain.safetensors")
+    wide = train(planted, TrainConfig(backbone="sasrec", **{**SMALL, "epochs": 1, "hidden": 8}),
+                 tmp_path / "wide.safetensors")
+    with pytest.raises(CheckpointError, match="do not fit"):
+        spawn_point(state_path(out), wide.checkpoint, tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists()
