@@ -405,6 +405,11 @@ def report(args, table: Table, names: list[str], best_ing: str, base_entry: dict
         t, _ = table.mean_se(chosen, "test/full/ndcg@10")
         lines += ["", f"Chosen by validation (out-of-fold where the method fits on it): **{chosen}** — test NDCG@10 "
                   f"{fmt(table, chosen, 'test/full/ndcg@10')}, {d:+.4f} ± {se:.4f} against {best_ing} (paired)."]
+        unfolded = [k for k in merged if "crossfit" not in table.rows[k] and "method" in table.rows[k]
+                    and fits_validation_targets(table.rows[k]["method"], table.rows[k].get("options"))]
+        if unfolded:
+            lines += ["", f"No out-of-fold figure yet (section `crossfit` not run) for: {', '.join(unfolded)}; "
+                      "their in-sample figure stood in."]
         in_sample = max(merged, key=table.valid)
         if in_sample != chosen:
             d2, se2 = table.paired(in_sample, best_ing, "test/full/ndcg@10")
