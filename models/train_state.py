@@ -51,18 +51,29 @@ def save_state(path: Path, *, model: torch.nn.Module, extra_params: list[torch.T
     os.replace(tmp, path)  # an interruption mid-write leaves the previous epoch's state intact
 
 
-def load_state(path: Path, *, model: torch.nn.Module, extra_params: list[torch.Tensor],
-               opt: torch.optim.Optimizer, rng: np.random.Generator) -> tuple[dict, dict | None]:
-    """Restore into the given objects; returns (info, best_state)."""
+def _read(path: Path, wanted) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A training state's metadata and those of its tensors whose name `wanted` accepts, after checking that
+    the file is one: a single reader so both entry points refuse the same files with the same words."""
     try:
         with safe_open(str(path), framework="pt") as f:  # one open for the tensors and the metadata
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            if meta.get("format") != FORMAT:
+                raise CheckpointError(f"{path}: not a recmerge training state (format {meta.get('format')!r})")
+            tensors = {k: f.get_tensor(k) for k in f.keys() if wanted(k)}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable training state ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a recmerge training state (format {meta.get('format')!r})")
-    own = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    return meta, tensors
+
+
+def _weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+
+
+def load_state(path: Path, *, model: torch.nn.Module, extra_params: list[torch.Tensor],
+               opt: torch.optim.Optimizer, rng: np.random.Generator) -> tuple[dict, dict | None]:
+    """Restore into the given objects; returns (info, best_state)."""
+    meta, tensors = _read(path, lambda k: True)
+    own = _weights(tensors)
     try:
         model.load_state_dict(own)
     except RuntimeError as e:
@@ -88,14 +99,8 @@ def load_state(path: Path, *, model: torch.nn.Module, extra_params: list[torch.T
 def weights_of(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The model weights a training state holds after its last finished epoch, and its info (epoch, step,
     history ...): a point of a run that later runs can start from. The optimiser's moments are not read."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise CheckpointError(f"{path}: not a recmerge training state (format {meta.get('format')!r})")
-            weights = {k[len("model/"):]: f.get_tensor(k) for k in f.keys() if k.startswith("model/")}
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable training state ({e})") from None
+    meta, tensors = _read(path, lambda k: k.startswith("model/"))  # the rest is never read off disk
+    weights = _weights(tensors)
     if not weights:
         raise CheckpointError(f"{path}: the training state holds no model weights")
     return weights, json.loads(meta["info"])
