@@ -108,6 +108,15 @@ class Table:
         """What a merge is chosen by: its out-of-fold validation figure where it fits on validation."""
         return self.rows[name].get("crossfit", self.valid(name))
 
+    def merges(self) -> list[str]:
+        """The merged rows, the candidates of the choice ("+ft" rows are the training control's counterpart)."""
+        return [k for k, r in self.rows.items() if r["group"] in ("soup", "fisher", "search")]
+
+    def fits_validation(self, name: str) -> bool:
+        """Whether a row is a merge whose method fitted on the validation items (its figure is in-sample)."""
+        r = self.rows[name]
+        return "method" in r and fits_validation_targets(r["method"], r.get("options"))
+
     def folds(self, seed: int = 0) -> list[np.ndarray]:
         """The validation users in two seeded halves (internal indices, sorted)."""
         users = self.data["valid"].users
@@ -325,7 +334,7 @@ def main() -> None:
         folds = table.folds()
         valid_users = table.data["valid"].users
         for label, r in list(table.rows.items()):
-            if "method" not in r or "crossfit" in r or not fits_validation_targets(r["method"], r.get("options")):
+            if "crossfit" in r or not table.fits_validation(label):
                 continue
             per_user = np.full(len(valid_users), np.nan)
             for fit, held in ((folds[0], folds[1]), (folds[1], folds[0])):
@@ -338,7 +347,7 @@ def main() -> None:
             table.add_crossfit(label, per_user)
 
     if "ft" in sections:
-        merged = [k for k, r in table.rows.items() if r["group"] in ("soup", "fisher", "search")]
+        merged = table.merges()
         if merged:
             best_merge = max(merged, key=table.selection)
             for label, src in ((f"{best_merge} +ft", merge_path(best_merge)),
@@ -390,8 +399,7 @@ def report(args, table: Table, names: list[str], best_ing: str, base_entry: dict
         lines.append(f"| {r['group']} | {name} | {fmt(table, name, 'valid/full/ndcg@10')} | {oof} | "
                      f"{fmt(table, name, 'test/full/ndcg@10')} | {m['test/full/hr@10']:.4f} | {vs} | "
                      f"{m['test/random100/ndcg@10']:.4f} | {m['test/popular100/ndcg@10']:.4f} | {extra} |")
-    # "+ft" rows are the training control's counterpart, not merges: the choice is among merges alone.
-    merged = [k for k, r in table.rows.items() if r["group"] in ("soup", "fisher", "search")]
+    merged = table.merges()
     for name, r in table.rows.items():
         tv = r.get("task_vectors")
         if tv:
@@ -405,8 +413,7 @@ def report(args, table: Table, names: list[str], best_ing: str, base_entry: dict
         t, _ = table.mean_se(chosen, "test/full/ndcg@10")
         lines += ["", f"Chosen by validation (out-of-fold where the method fits on it): **{chosen}** — test NDCG@10 "
                   f"{fmt(table, chosen, 'test/full/ndcg@10')}, {d:+.4f} ± {se:.4f} against {best_ing} (paired)."]
-        unfolded = [k for k in merged if "crossfit" not in table.rows[k] and "method" in table.rows[k]
-                    and fits_validation_targets(table.rows[k]["method"], table.rows[k].get("options"))]
+        unfolded = [k for k in merged if "crossfit" not in table.rows[k] and table.fits_validation(k)]
         if unfolded:
             lines += ["", f"No out-of-fold figure yet (section `crossfit` not run) for: {', '.join(unfolded)}; "
                       "their in-sample figure stood in."]

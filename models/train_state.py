@@ -65,15 +65,16 @@ def _read(path: Path, wanted) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, tensors
 
 
-def _weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+def _under(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors named `prefix`…, by the rest of their names."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def load_state(path: Path, *, model: torch.nn.Module, extra_params: list[torch.Tensor],
                opt: torch.optim.Optimizer, rng: np.random.Generator) -> tuple[dict, dict | None]:
     """Restore into the given objects; returns (info, best_state)."""
     meta, tensors = _read(path, lambda k: True)
-    own = _weights(tensors)
+    own = _under(tensors, "model/")
     try:
         model.load_state_dict(own)
     except RuntimeError as e:
@@ -83,7 +84,7 @@ def load_state(path: Path, *, model: torch.nn.Module, extra_params: list[torch.T
             p.copy_(tensors[f"recipe/{i}"])
     params = [p for g in opt.param_groups for p in g["params"]]
     for i, p in enumerate(params):
-        st = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt/{i}/")}
+        st = _under(tensors, f"opt/{i}/")
         if st:
             if "step" in st:
                 st["step"] = st["step"].reshape(())
@@ -92,7 +93,7 @@ def load_state(path: Path, *, model: torch.nn.Module, extra_params: list[torch.T
         g["lr"] = lr
     torch.set_rng_state(tensors["rng/torch"])
     rng.bit_generator.state = json.loads(meta["numpy_rng"])
-    best = {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")} or None
+    best = _under(tensors, "best/") or None
     return json.loads(meta["info"]), best
 
 
@@ -100,7 +101,7 @@ def weights_of(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """The model weights a training state holds after its last finished epoch, and its info (epoch, step,
     history ...): a point of a run that later runs can start from. The optimiser's moments are not read."""
     meta, tensors = _read(path, lambda k: k.startswith("model/"))  # the rest is never read off disk
-    weights = _weights(tensors)
+    weights = _under(tensors, "model/")
     if not weights:
         raise CheckpointError(f"{path}: the training state holds no model weights")
     return weights, json.loads(meta["info"])
